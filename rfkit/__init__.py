@@ -1,0 +1,9 @@
+"""rfkit: rectified-flow / flow-matching training in a latent space, with PyTorch Lightning.
+
+The core math (``rfkit.timesteps``, ``rfkit.couplings``, ``rfkit.weightings``, ``rfkit.paths``,
+``rfkit.solvers``) is pure torch; importing ``rfkit`` does not import Lightning.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

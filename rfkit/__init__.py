@@ -7,3 +7,10 @@ The core math (``rfkit.timesteps``, ``rfkit.couplings``, ``rfkit.weightings``, `
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Rebuild the RectifiedFlow stored by ``rfkit fit`` at ``path`` (see :mod:`rfkit.checkpoint`)."""
+    from rfkit.checkpoint import load_checkpoint as _load
+
+    return _load(path, map_location)

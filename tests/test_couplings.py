@@ -72,9 +72,7 @@ def test_sinkhorn_plan_marginals_and_limits():
     assert blurred == pytest.approx(float(cost.mean()), rel=0.02)
     # entropic cost agrees with POT's own Sinkhorn at the same absolute epsilon
     eps = 0.05 * float(cost.mean())
-    ref = ot.sinkhorn(
-        np.full(n, 1 / n), np.full(n, 1 / n), cost.double().numpy(), eps, numItermax=20000, stopThr=1e-10
-    )
+    ref = ot.sinkhorn(np.full(n, 1 / n), np.full(n, 1 / n), cost.double().numpy(), eps, numItermax=20000, stopThr=1e-10)
     torch.testing.assert_close(plan.double(), torch.from_numpy(ref), atol=2e-5, rtol=0)
 
 

@@ -23,9 +23,7 @@ EXACT = X0 * math.exp(0.5)
 @pytest.mark.parametrize("solver,order", [(Euler(), 1), (Midpoint(), 2), (Heun(), 2), (RK4(), 4)], ids=repr)
 def test_convergence_order(solver, order):
     steps = [8, 16, 32, 64]
-    errs = [
-        float((solver(velocity, X0, time_grid(k, dtype=torch.float64)) - EXACT).abs().max()) for k in steps
-    ]
+    errs = [float((solver(velocity, X0, time_grid(k, dtype=torch.float64)) - EXACT).abs().max()) for k in steps]
     slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert slope == pytest.approx(order, abs=0.15)
 
@@ -39,9 +37,7 @@ def test_straight_flow_is_exact_in_one_step(solver):
     torch.testing.assert_close(out, x0 + c)
 
 
-@pytest.mark.parametrize(
-    "solver,per_step", [(Euler(), 1), (Midpoint(), 2), (Heun(), 2), (RK4(), 4)], ids=repr
-)
+@pytest.mark.parametrize("solver,per_step", [(Euler(), 1), (Midpoint(), 2), (Heun(), 2), (RK4(), 4)], ids=repr)
 def test_nfe_is_reported_and_true(solver, per_step):
     calls = []
 

@@ -80,9 +80,7 @@ CASES = [
     (
         "resolution-1024",
         ResolutionShifted(LogitNormal(), num_tokens=1024),
-        lambda rng: paper_shift(
-            paper_logit_normal(rng, N, 0.0, 1.0), math.exp(0.5 + (1024 - 256) * 0.65 / 3840)
-        ),
+        lambda rng: paper_shift(paper_logit_normal(rng, N, 0.0, 1.0), math.exp(0.5 + (1024 - 256) * 0.65 / 3840)),
     ),
 ]
 IDS = [c[0] for c in CASES]
@@ -151,9 +149,7 @@ def test_shifted_logit_normal_identity():
     torch.testing.assert_close(shifted.density(grid), direct.density(grid), rtol=1e-10, atol=1e-12)
     # same draws from the same normal numbers, up to float32 rounding of the map
     g = torch.Generator().manual_seed(5)
-    torch.testing.assert_close(
-        shifted(4096, generator=g), direct(4096, generator=g.manual_seed(5)), atol=2e-6, rtol=0
-    )
+    torch.testing.assert_close(shifted(4096, generator=g), direct(4096, generator=g.manual_seed(5)), atol=2e-6, rtol=0)
 
 
 def test_shift_moves_toward_noise():

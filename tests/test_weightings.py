@@ -70,9 +70,7 @@ def test_sampling_equals_weighting_by_monte_carlo(sampler):
     assert abs(float(drawn.mean() - weighted.mean())) < 4 * se
     # and both agree with the integral of p(t) L(t)
     exact, _ = integrate.quad(
-        lambda x: float(
-            sampler.density(torch.tensor([x], dtype=torch.float64)) * loss_curve(torch.tensor(x))
-        ),
+        lambda x: float(sampler.density(torch.tensor([x], dtype=torch.float64)) * loss_curve(torch.tensor(x))),
         0,
         1,
         limit=200,

@@ -1,0 +1,88 @@
+"""Callbacks: sample grids and per-t loss curves, written to the run directory and to W&B.
+
+EMA needs no callback of ours: Lightning's ``EMAWeightAveraging`` swaps the averaged weights in
+for validation, and both callbacks below act during validation, so they see the EMA weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from rfkit.images import sample_image
+from rfkit.module import COND_KEYS
+
+
+class SampleGrid(pl.Callback):
+    """At each validation, samples from fixed noise and saves ``samples/step_XXXXXXX.png`` + W&B image.
+
+    The conditioning comes from the first validation batch (class labels are sorted, so a
+    class-conditional grid reads in rows); the noise is the same at every validation, so the grids
+    show progress on the same draws.
+
+    Args:
+        num_samples: samples per grid (at most the validation batch size).
+        seed: seed of the fixed noise.
+        upscale: nearest-neighbour enlargement of small images.
+    """
+
+    def __init__(self, num_samples: int = 64, seed: int = 0, upscale: int = 4) -> None:
+        self.num_samples, self.seed, self.upscale = num_samples, seed, upscale
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
+            return
+        x1 = batch["latent"]
+        n = min(self.num_samples, x1.shape[0])
+        cond = {k: batch[k][:n] for k in COND_KEYS if k in batch}
+        if "cls" in cond:
+            order = torch.argsort(cond["cls"], stable=True)
+            cond = {k: v[order] for k, v in cond.items()}
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        x0 = torch.randn((n, *x1.shape[1:]), generator=g, device=pl_module.device, dtype=x1.dtype)
+        samples = pl_module.sample(x0, cond)  # every rank runs it: sharded models need all ranks
+        if not trainer.is_global_zero:
+            return
+        image = sample_image(samples, reference=x1 if x1.ndim == 2 else None, upscale=self.upscale)
+        out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples", [image], step=trainer.global_step)
+
+
+class LossCurve(pl.Callback):
+    """At each validation, records the training loss by t-bin: ``loss_by_t.csv`` + a W&B line plot.
+
+    Reads the module's latest all-reduced curve (``RectifiedFlow.last_loss_by_t``), so it shows the
+    loss over the last ``log_every_n_steps`` steps on all ranks.
+    """
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        curve = getattr(pl_module, "last_loss_by_t", None)
+        if curve is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        edges = pl_module.train_loss_by_t.edges()
+        mids = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
+        path = Path(trainer.default_root_dir) / "loss_by_t.csv"
+        new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", *[f"t={m:.3f}" for m in mids]])
+            writer.writerow([trainer.global_step, *[f"{v:.6g}" for v in curve.tolist()]])
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                rows = [[m, v] for m, v in zip(mids, curve.tolist(), strict=True) if v == v]
+                table = wandb.Table(data=rows, columns=["t", "loss"])
+                plot = wandb.plot.line(table, "t", "loss", title=f"training loss by t (step {trainer.global_step})")
+                logger.experiment.log({"loss_by_t": plot, "trainer/global_step": trainer.global_step})

@@ -1,0 +1,51 @@
+"""Rebuilding a model from an rfkit checkpoint, without unpickling anything."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by ``rfkit fit`` with ``weights_only=True``; ValueError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(
+            f"{path} is not an rfkit checkpoint that loads safely (weights_only=True): {err}. "
+            "Checkpoints written by `rfkit fit` hold only tensors and plain config data."
+        ) from err
+    if not isinstance(ckpt, dict) or "rfkit" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not an rfkit checkpoint (no 'rfkit' section); was it written by `rfkit fit`?")
+    hparams = ckpt.get("hyper_parameters", {})
+    if "model" not in hparams:
+        raise ValueError(
+            f"{path} does not record its components: it was written by a RectifiedFlow built in Python, "
+            "not by `rfkit fit`. Build the same RectifiedFlow yourself and call load_state_dict(ckpt['state_dict'])."
+        )
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
+    """The :class:`rfkit.module.RectifiedFlow` stored at ``path``, in eval mode, ready to ``sample``.
+
+    Weights are the EMA weights when the run used ``EMAWeightAveraging`` (Lightning stores the
+    average as the checkpoint's ``state_dict``). The module is rebuilt from the config the
+    checkpoint carries; its whole run config is at ``module.run_config``.
+    """
+    from lightning.pytorch.cli import instantiate_module
+
+    from rfkit.module import RectifiedFlow
+
+    ckpt = read_checkpoint(path, map_location)
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "_instantiator"}
+    module = instantiate_module(RectifiedFlow, hparams)
+    module.load_state_dict(ckpt["state_dict"])
+    module.run_config = ckpt["rfkit"].get("config")
+    return module.to(map_location).eval()

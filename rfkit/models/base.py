@@ -1,0 +1,40 @@
+"""The velocity-network interface the training module and the samplers rely on."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+Cond = Mapping[str, Tensor]
+"""Conditioning, batch-first: ``cls`` (B,) class labels, ``text`` (B, L, D) and ``pooled`` (B, D)
+precomputed text embeddings. A model reads the keys it declares and ignores the rest."""
+
+
+class VelocityModel(nn.Module, ABC):
+    """``v(x, t, cond)``: the velocity field, shaped like ``x``.
+
+    Subclasses set ``latent_shape`` (the shape of one sample they generate by default) and, if
+    they are conditional, override :meth:`drop_condition` so classifier-free guidance has a null
+    condition to train and sample with.
+    """
+
+    latent_shape: tuple[int, ...]
+
+    @abstractmethod
+    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """Velocity at ``x`` (B, *latent_shape) and ``t`` (B,) in [0, 1]; returns (B, *latent_shape)."""
+
+    def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
+        """Replace the condition of rows where ``drop`` (B,) bool is True by the null condition.
+
+        The default, for unconditional models, returns ``cond`` unchanged.
+        """
+        del drop
+        return dict(cond)
+
+    def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
+        """Tokens the model sees for one latent of this shape (drives resolution-dependent shifts)."""
+        del latent_shape
+        return 1

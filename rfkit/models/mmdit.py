@@ -1,0 +1,89 @@
+"""MMDiT: SD3's multimodal diffusion transformer (Esser et al. 2024, §4).
+
+Text and image tokens keep separate weights (projections, norms, MLPs, modulation) and meet in one
+joint attention over the concatenated sequence, so each modality reads the other at every layer.
+Modulation comes from t plus the pooled text vector. Text arrives as precomputed embeddings
+(B, L, text_dim) and a pooled vector (B, pooled_dim); classifier-free guidance drops both to zeros,
+as SD3 does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rfkit.models.base import Cond, VelocityModel
+from rfkit.models.layers import FinalLayer, Patches, Stream, TimestepEmbedder, attend
+
+
+class JointBlock(nn.Module):
+    """Text stream + image stream, one attention over [text; image] tokens."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True) -> None:
+        super().__init__()
+        self.text = Stream(width, heads, mlp_ratio, qk_norm)
+        self.image = Stream(width, heads, mlp_ratio, qk_norm)
+
+    def forward(self, ctx: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        # ctx (B, L, D), x (B, N, D), c (B, D)
+        (qc, kc, vc), mods_c = self.text.pre(ctx, c)
+        (qx, kx, vx), mods_x = self.image.pre(x, c)
+        joint = attend(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))  # (B, L+N, D)
+        length = ctx.shape[1]
+        return self.text.post(ctx, joint[:, :length], mods_c), self.image.post(x, joint[:, length:], mods_x)
+
+
+class MMDiT(VelocityModel):
+    """SD3-style velocity transformer for latents (B, C, H, W) conditioned on text embeddings.
+
+    Args:
+        in_channels, input_size, patch_size: as :class:`rfkit.models.DiT`.
+        text_dim: width of the per-token text embeddings (B, L, text_dim).
+        pooled_dim: width of the pooled text vector (B, pooled_dim).
+        width, depth, heads, mlp_ratio, qk_norm: transformer size; SD3 ties width = 64 * depth.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 16,
+        input_size: int = 32,
+        patch_size: int = 2,
+        text_dim: int = 384,
+        pooled_dim: int = 384,
+        width: int = 384,
+        depth: int = 6,
+        heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} must be divisible by patch_size {patch_size}")
+        self.latent_shape = (in_channels, input_size, input_size)
+        self.patches = Patches(in_channels, patch_size, width)
+        self.context_embed = nn.Linear(text_dim, width)
+        self.t_embed = TimestepEmbedder(width)
+        self.pooled_embed = nn.Sequential(nn.Linear(pooled_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(JointBlock(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.final = FinalLayer(width, in_channels * patch_size**2)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        missing = {"text", "pooled"} - set(cond)
+        if missing:
+            raise ValueError(f"MMDiT needs text conditioning; the batch lacks {sorted(missing)}")
+        tokens = self.patches(x)  # (B, N, D)
+        ctx = self.context_embed(cond["text"].to(tokens.dtype))  # (B, L, D)
+        c = self.t_embed(t) + self.pooled_embed(cond["pooled"].to(tokens.dtype))  # (B, D)
+        for block in self.blocks:
+            ctx, tokens = block(ctx, tokens, c)
+        return self.patches.unpatchify(self.final(tokens, c), like=x)
+
+    def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
+        out = dict(cond)
+        for key in ("text", "pooled"):
+            keep = (~drop).reshape(-1, *([1] * (cond[key].ndim - 1))).to(cond[key].dtype)
+            out[key] = cond[key] * keep  # SD3 drops text to zero embeddings
+        return out
+
+    def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
+        return self.patches.num_tokens(latent_shape)

@@ -1,0 +1,196 @@
+"""RectifiedFlow: the LightningModule. Wiring and logging only; the math lives in the core modules.
+
+One training step, in the convention of DESIGN.md §1::
+
+    x1 = batch latents;  x0 ~ N(0, I);  (x0, x1) = coupling(x0, x1)
+    t ~ timesteps;  x_t = (1 - t) x0 + t x1;  u = x1 - x0
+    loss = mean_i  w(t_i) * mean ||v(x_t, t, cond) - u||^2
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from rfkit import __version__
+from rfkit.couplings import Coupling, Independent
+from rfkit.metrics import BinnedMean
+from rfkit.models.base import VelocityModel
+from rfkit.paths import straight_path
+from rfkit.sampling import generate
+from rfkit.solvers import Euler, Solver
+from rfkit.timesteps import TimestepSampler, Uniform
+from rfkit.weightings import Constant, LossWeighting
+
+COND_KEYS = ("cls", "text", "pooled")
+"""Batch keys passed to the model as conditioning (see :data:`rfkit.models.Cond`)."""
+
+_COMPONENTS = ["model", "timesteps", "coupling", "weighting", "optimizer", "lr_scheduler", "sample_solver"]
+
+
+class RectifiedFlow(pl.LightningModule):
+    """Trains a velocity model on the straight path between noise and data.
+
+    Args:
+        model: the velocity network ``v(x, t, cond)``.
+        timesteps: where on the path to train (default ``Uniform()``).
+        coupling: which noise each data sample travels from (default ``Independent()``).
+        weighting: per-sample loss weight ``w(t)`` (default ``Constant()``).
+        optimizer: builds the optimizer from the parameters (default AdamW).
+        lr_scheduler: builds a scheduler from the optimizer, stepped every optimizer step.
+        cond_dropout: probability of replacing a sample's condition by the null condition, which
+            trains the unconditional model that classifier-free guidance needs.
+        sample_solver: ODE solver for validation samples (default ``Euler()``).
+        sample_steps: solver steps for validation samples.
+        sample_shift: inference-side timestep shift for validation samples.
+        cfg_scale: guidance scale for validation samples (1 = none).
+        loss_bins: number of t-bins in the logged per-t loss.
+        val_levels: fixed t-levels of the validation loss; with fixed noise, two evaluations of
+            one checkpoint give the same number.
+    """
+
+    def __init__(
+        self,
+        model: VelocityModel,
+        timesteps: TimestepSampler | None = None,
+        coupling: Coupling | None = None,
+        weighting: LossWeighting | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        cond_dropout: float = 0.0,
+        sample_solver: Solver | None = None,
+        sample_steps: int = 32,
+        sample_shift: float = 1.0,
+        cfg_scale: float = 1.0,
+        loss_bins: int = 10,
+        val_levels: int = 8,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must lie in [0, 1), got {cond_dropout}")
+        # Under `rfkit fit` Lightning hands us the parsed config as plain data (class_path + init_args),
+        # which is what a checkpoint needs to rebuild this module. Built in Python, the components are
+        # objects, so only the scalars are recorded.
+        given = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=None if given else _COMPONENTS)
+        self.model = model
+        self.timesteps = timesteps if timesteps is not None else Uniform()
+        self.coupling = coupling if coupling is not None else Independent()
+        self.weighting = weighting if weighting is not None else Constant()
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.cond_dropout = cond_dropout
+        self.sample_solver = sample_solver if sample_solver is not None else Euler()
+        self.sample_steps, self.sample_shift, self.cfg_scale = sample_steps, sample_shift, cfg_scale
+        self.val_levels = val_levels
+        self.run_config: dict[str, Any] | None = None  # the whole resolved config, set by the CLI
+        self.train_loss = MeanMetric()
+        self.train_loss_by_t = BinnedMean(loss_bins)
+        self.last_loss_by_t: Tensor | None = None  # the latest flushed per-t curve, for callbacks
+        self._grad_norm: Tensor | None = None
+        self._flushed_at = -1
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return self.model(x, t, cond)
+
+    def velocity_loss(self, batch: dict[str, Tensor], t: Tensor | None = None, generator=None) -> tuple:
+        """Per-sample unweighted loss ``mean ||v - u||^2`` (B,) and the timesteps (B,) used."""
+        x1 = batch["latent"]
+        cond = {k: batch[k] for k in COND_KEYS if k in batch}
+        where = generator.device if generator is not None else x1.device
+        x0 = torch.randn(x1.shape, generator=generator, device=where, dtype=x1.dtype).to(x1.device)
+        x0, x1 = self.coupling(x0, x1, noise=batch.get("noise"), generator=generator)
+        if t is None:
+            sampler = self.timesteps.for_tokens(self.model.num_tokens(tuple(x1.shape[1:])))
+            t = sampler(x1.shape[0], device=x1.device, generator=generator)
+        if self.training and self.cond_dropout > 0 and cond:
+            drop = torch.rand(x1.shape[0], device=x1.device) < self.cond_dropout
+            cond = self.model.drop_condition(cond, drop)
+        path = straight_path(x0, x1, t)
+        v = self.model(path.x_t, t, cond)
+        return (v.float() - path.u.float()).pow(2).flatten(1).mean(1), t
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        per_sample, t = self.velocity_loss(batch)
+        loss = (self.weighting(t) * per_sample).mean()
+        # accumulate only; values are all-reduced and logged every log_every_n_steps (logging every
+        # step costs about a millisecond, more than a small model's step)
+        self.train_loss.update(loss.detach())
+        self.train_loss_by_t.update(t, per_sample)
+        return loss
+
+    def _flush_step(self) -> bool:
+        every = self.trainer.log_every_n_steps
+        step = self.trainer.global_step
+        return every > 0 and step > 0 and step % every == 0 and step != self._flushed_at
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        every = self.trainer.log_every_n_steps
+        if every > 0 and (self.trainer.global_step + 1) % every == 0:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._flush_step():
+            return
+        self._flushed_at = self.trainer.global_step
+        metrics = {"train/loss": self.train_loss.compute()}
+        self.last_loss_by_t = self.train_loss_by_t.compute().float()
+        edges = self.train_loss_by_t.edges()
+        for i, value in enumerate(self.last_loss_by_t.tolist()):
+            if value == value:  # skip empty bins (NaN)
+                metrics[f"train/loss_t/{edges[i]:.2f}-{edges[i + 1]:.2f}"] = value
+        if self._grad_norm is not None:
+            metrics["train/grad_norm"] = self._grad_norm
+        for i, group in enumerate(self.trainer.optimizers[0].param_groups):
+            metrics[f"train/lr{'' if i == 0 else i}"] = group["lr"]
+        self.train_loss.reset()
+        self.train_loss_by_t.reset()
+        values = {k: float(v) for k, v in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.trainer.global_step)
+        self.log("train/loss", values["train/loss"], prog_bar=True, logger=False)
+
+    # ------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        n = batch["latent"].shape[0]
+        # fixed noise and t-levels (t_k = (k + 1/2) / K, sample i at level i mod K): deterministic
+        g = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
+        levels = (torch.arange(n, device=self.device) % self.val_levels + 0.5) / self.val_levels
+        per_sample, _t = self.velocity_loss(batch, t=levels.to(batch["latent"].dtype), generator=g)
+        self.log("val/loss", per_sample.mean(), on_epoch=True, sync_dist=True, batch_size=n, prog_bar=True)
+
+    @torch.no_grad()
+    def sample(
+        self, x0: Tensor, cond: dict[str, Tensor] | None = None, num_steps: int | None = None, **kw: Any
+    ) -> Tensor:
+        """Samples from noise ``x0`` with this module's sampling settings (overridable by keyword)."""
+        return generate(
+            self.model,
+            x0,
+            cond,
+            solver=kw.get("solver", self.sample_solver),
+            num_steps=num_steps or self.sample_steps,
+            shift=kw.get("shift", self.sample_shift),
+            cfg_scale=kw.get("cfg_scale", self.cfg_scale),
+        )
+
+    # ------------------------------------------------------------------ optimisation & checkpoints
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.model.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rfkit"] = {"version": __version__, "config": self.run_config}

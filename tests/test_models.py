@@ -1,0 +1,123 @@
+"""Velocity networks: shapes, adaLN-Zero identity at init, conditioning and its null value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rfkit.models import MLP, DiT, MMDiT
+from rfkit.models.dit import DiTBlock
+from rfkit.models.layers import sincos_2d
+
+
+def small_dit(**kw) -> DiT:
+    args = dict(in_channels=2, input_size=8, patch_size=2, width=32, depth=2, heads=4, num_classes=10)
+    return DiT(**{**args, **kw})
+
+
+def randomise(module: nn.Module, seed: int = 0) -> None:
+    """Replace the zero initialisation so outputs depend on every input."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_dit_forward_backward_shapes():
+    model = small_dit()
+    x, t, y = torch.randn(5, 2, 8, 8), torch.rand(5), torch.randint(0, 10, (5,))
+    out = model(x, t, {"cls": y})
+    assert out.shape == x.shape
+    (out - torch.randn_like(out)).square().sum().backward()
+    assert model.final.proj.weight.grad is not None and model.final.proj.weight.grad.abs().sum() > 0
+    assert model.num_tokens((2, 8, 8)) == 16
+    assert model.latent_shape == (2, 8, 8)
+
+
+def test_adaln_zero_starts_as_identity():
+    model = small_dit()
+    x = torch.randn(3, 16, 32)
+    c = torch.randn(3, 32)
+    for block in model.blocks:
+        assert isinstance(block, DiTBlock)
+        torch.testing.assert_close(block(x, c), x)
+    out = model(torch.randn(3, 2, 8, 8), torch.rand(3), {"cls": torch.zeros(3, dtype=torch.long)})
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised final projection
+    # once trained (here: randomised) a block is no longer the identity
+    randomise(model.blocks[0])
+    assert not torch.allclose(model.blocks[0](x, c), x)
+
+
+def test_dit_uses_time_class_and_position():
+    model = small_dit()
+    randomise(model)
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([0.3, 0.3])
+    base = model(x, t, {"cls": torch.tensor([1, 1])})
+    assert not torch.allclose(base, model(x, t + 0.2, {"cls": torch.tensor([1, 1])}))
+    assert not torch.allclose(base, model(x, t, {"cls": torch.tensor([2, 2])}))
+    null = model.drop_condition({"cls": torch.tensor([1, 1])}, torch.tensor([True, False]))
+    assert null["cls"].tolist() == [10, 1]
+    # shape buckets: any side divisible by the patch runs through the same weights
+    assert model(torch.randn(2, 2, 8, 12), t, {"cls": torch.tensor([1, 1])}).shape == (2, 2, 8, 12)
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        model(torch.randn(2, 2, 7, 8), t, {"cls": torch.tensor([1, 1])})
+    with pytest.raises(ValueError, match="needs class labels"):
+        model(x, t, {})
+
+
+def test_sincos_positions():
+    pos = sincos_2d(8, 2, 3)
+    assert pos.shape == (6, 8)
+    # position (0, 0): sin parts 0, cos parts 1, for both axes
+    torch.testing.assert_close(pos[0], torch.tensor([0, 0, 1, 1, 0, 0, 1, 1], dtype=torch.float32))
+    assert len({tuple(r.tolist()) for r in pos}) == 6  # every position distinct
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(6, 2, 2)
+
+
+def test_qk_norm_switch():
+    assert isinstance(small_dit(qk_norm=True).blocks[0].stream.qkv.q_norm, nn.RMSNorm)
+    assert isinstance(small_dit(qk_norm=False).blocks[0].stream.qkv.q_norm, nn.Identity)
+
+
+def test_mmdit_joint_attention_reads_text():
+    model = MMDiT(in_channels=4, input_size=8, text_dim=12, pooled_dim=6, width=32, depth=2, heads=4)
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    cond = {"text": torch.randn(2, 5, 12), "pooled": torch.randn(2, 6)}
+    out = model(x, t, cond)
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(out))
+    randomise(model)
+    base = model(x, t, cond)
+    # the per-token text reaches the image only through the joint attention
+    other_text = {"text": torch.randn(2, 5, 12), "pooled": cond["pooled"]}
+    assert not torch.allclose(base, model(x, t, other_text))
+    # separate weights per modality
+    block = model.blocks[0]
+    assert block.text.qkv.qkv.weight.data_ptr() != block.image.qkv.qkv.weight.data_ptr()
+    dropped = model.drop_condition(cond, torch.tensor([True, False]))
+    assert dropped["text"][0].abs().sum() == 0 and torch.equal(dropped["text"][1], cond["text"][1])
+    assert dropped["pooled"][0].abs().sum() == 0
+    with pytest.raises(ValueError, match="pooled"):
+        model(x, t, {"text": cond["text"]})
+
+
+def test_mlp_is_torchcfm_network():
+    model = MLP(dim=2, width=64)
+    layers = [model.inp, *model.body]
+    kinds = [type(m).__name__ for m in layers]
+    assert kinds == ["Linear", "SELU", "Linear", "SELU", "Linear", "SELU", "Linear"]
+    assert [(m.in_features, m.out_features) for m in layers if isinstance(m, nn.Linear)] == [
+        (3, 64),
+        (64, 64),
+        (64, 64),
+        (64, 2),
+    ]
+    x, t = torch.randn(4, 2), torch.rand(4)
+    manual = model.body(model.inp(torch.cat([x, t[:, None]], 1)))
+    torch.testing.assert_close(model(x, t, {}), manual)
+    cond_model = MLP(num_classes=3)
+    assert cond_model.drop_condition({"cls": torch.tensor([0, 2])}, torch.tensor([True, False]))["cls"].tolist() == [
+        3,
+        2,
+    ]

@@ -1,0 +1,43 @@
+"""Reads the metrics an offline W&B run wrote to its ``run-*.wandb`` file (a LevelDB-style log of
+protobuf records), so tests can check what reached W&B without a server."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK, HEADER = 32768, 7  # LevelDB log block size; record header = crc32 (4) + length (2) + type (1)
+
+
+def records(path: Path):
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, chunk = 7, b""
+    while pos + HEADER <= len(data):
+        room = BLOCK - pos % BLOCK
+        if room < HEADER:  # block trailer padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if length == 0 and kind == 0:
+            pos += room
+            continue
+        chunk += data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind in (1, 4):  # FULL or LAST
+            rec = pb.Record()
+            rec.ParseFromString(chunk)
+            yield rec
+            chunk = b""
+
+
+def history(run_dir: Path) -> list[dict[str, str]]:
+    """Every logged row of the offline run under ``run_dir`` (a ``wandb/offline-run-*`` folder)."""
+    (log,) = run_dir.glob("run-*.wandb")
+    rows = []
+    for rec in records(log):
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): i.value_json for i in rec.history.item})
+    return rows

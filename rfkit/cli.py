@@ -132,7 +132,14 @@ class RFKitCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``rfkit`` console script."""
     load_plugins()
-    RFKitCLI(args=args)
+    try:
+        RFKitCLI(args=args)
+    finally:
+        # one command, one W&B run: close it so its files are complete, and so a later command in
+        # the same process (a notebook, a test) does not append to it
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
 
 
 if __name__ == "__main__":

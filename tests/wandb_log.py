@@ -4,6 +4,7 @@ protobuf records), so tests can check what reached W&B without a server."""
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -33,11 +34,21 @@ def records(path: Path):
             chunk = b""
 
 
-def history(run_dir: Path) -> list[dict[str, str]]:
-    """Every logged row of the offline run under ``run_dir`` (a ``wandb/offline-run-*`` folder)."""
+def history(run_dir: Path, timeout: float = 20.0) -> list[dict[str, str]]:
+    """Every logged row of the offline run under ``run_dir`` (a ``wandb/offline-run-*`` folder).
+
+    wandb's writer process may still be flushing for a moment after ``wandb.finish()`` returns,
+    so the file is re-read until its exit record is there (or ``timeout`` passes).
+    """
     (log,) = run_dir.glob("run-*.wandb")
-    rows = []
-    for rec in records(log):
-        if rec.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): i.value_json for i in rec.history.item})
-    return rows
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = list(records(log))
+        if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return [
+        {(i.key or "/".join(i.nested_key)): i.value_json for i in rec.history.item}
+        for rec in recs
+        if rec.WhichOneof("record_type") == "history"
+    ]

@@ -1,0 +1,189 @@
+"""`rfkit` end to end: every config trains with tiny overrides, configs round-trip, plugins resolve,
+bad keys are named, W&B gets metrics and images, checkpoints rebuild their model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from wandb_log import history
+
+import rfkit
+from rfkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+TINY = {
+    "digits.yaml": [
+        "--model.model.init_args.width=32",
+        "--model.model.init_args.depth=1",
+        "--data.init_args.batch_size=32",
+        "--data.init_args.batches_per_epoch=6",
+        "--model.sample_steps=2",
+    ],
+    "toy2d.yaml": ["--data.init_args.batches_per_epoch=6", "--data.init_args.val_size=64", "--model.sample_steps=2"],
+}
+STEPS = ["--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2"]
+
+
+def fit(config: str, run_dir: Path, *extra: str) -> None:
+    main(
+        [
+            "fit",
+            f"--config={ROOT / 'configs' / config}",
+            f"--trainer.default_root_dir={run_dir}",
+            *STEPS,
+            *TINY[config],
+            *extra,
+        ]
+    )
+
+
+def test_every_config_has_tiny_overrides():
+    assert sorted(TINY) == [c.name for c in CONFIGS]
+
+
+@pytest.mark.parametrize("config", [c.name for c in CONFIGS])
+def test_fit_end_to_end(config, tmp_path):
+    fit(config, tmp_path)
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    curve = (tmp_path / "loss_by_t.csv").read_text().splitlines()
+    assert curve[0].startswith("step,t=0.050") and len(curve) == 3
+    # W&B: the offline run holds the training metrics, validation loss and the sample images
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    rows = history(run)
+    logged = {k for row in rows for k in row}
+    assert {"train/loss", "train/grad_norm", "train/lr", "val/loss", "train/loss_t/0.50-0.60"} <= logged
+    steps = [int(r["trainer/global_step"]) for r in rows if "train/loss" in r]
+    assert steps == [2, 4, 6]
+    assert len(list((run / "files" / "media" / "images").glob("samples_*.png"))) == 2
+
+
+def test_checkpoint_rebuilds_its_model(tmp_path):
+    # a second ModelCheckpoint keeps the step-3 checkpoint, written mid-run
+    fit(
+        "digits.yaml",
+        tmp_path,
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=3",
+        f"--trainer.callbacks.dirpath={tmp_path / 'every3'}",
+        "--trainer.callbacks.save_top_k=-1",
+    )
+    module = rfkit.load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert not module.training and type(module.model).__name__ == "DiT"
+    assert module.run_config["config"]["data"]["class_path"] == "rfkit.data.Digits"
+    assert len(module.run_config["git_revision"]) == 40 or module.run_config["git_revision"] == "unknown"
+    x = module.sample(torch.randn(3, 1, 8, 8), {"cls": torch.tensor([0, 1, 2])}, num_steps=2)
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    # EMA: a checkpoint's weights are the average, not the live weights, and those are what we load
+    path = tmp_path / "every3" / "epoch=0-step=3.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    key = "model.final.proj.weight"
+    assert not torch.equal(ckpt["state_dict"][key], ckpt["current_model_state"][key])
+    assert torch.equal(rfkit.load_checkpoint(path).state_dict()[key], ckpt["state_dict"][key])
+
+
+def test_foreign_checkpoints_are_refused(tmp_path):
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}}, plain)
+    with pytest.raises(ValueError, match="not an rfkit checkpoint"):
+        rfkit.load_checkpoint(plain)
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"obj": torch.nn.Linear(2, 2)}, pickled)
+    with pytest.raises(ValueError, match="weights_only"):
+        rfkit.load_checkpoint(pickled)
+    with pytest.raises(FileNotFoundError):
+        rfkit.load_checkpoint(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_print_config_round_trips(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", f"--config={config}", "--print_config"])
+    assert exit_.value.code in (0, None)
+    first = capsys.readouterr().out
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(first)
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={printed}", "--print_config"])
+    assert capsys.readouterr().out == first
+    # and what the file says survives: every key of the source config is in the printout
+    source, resolved = yaml.safe_load(config.read_text()), yaml.safe_load(first)
+    assert resolved["model"]["model"]["class_path"] == source["model"]["model"]["class_path"]
+    assert resolved["trainer"]["max_steps"] == source["trainer"]["max_steps"]
+
+
+def test_plugin_from_outside_the_package_is_used(tmp_path):
+    from plugin_fixtures import CountingSampler
+
+    before = CountingSampler.calls
+    fit("toy2d.yaml", tmp_path, "--model.timesteps=plugin_fixtures.CountingSampler", "--model.timesteps.low=0.2")
+    assert CountingSampler.calls - before == 6  # one draw per training step
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["model"]["timesteps"] == {
+        "class_path": "plugin_fixtures.CountingSampler",
+        "init_args": {"low": 0.2, "high": 0.9},
+    }
+
+
+def test_short_names_and_dotted_overrides(capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                f"--config={ROOT / 'configs/toy2d.yaml'}",
+                "--model.timesteps=LogitNormal",
+                "--model.timesteps.loc=0.5",
+                "--model.coupling=Independent",
+                "--print_config",
+            ]
+        )
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["timesteps"] == {
+        "class_path": "rfkit.timesteps.LogitNormal",
+        "init_args": {"loc": 0.5, "scale": 1.0},
+    }
+    assert cfg["model"]["coupling"]["class_path"] == "rfkit.couplings.Independent"
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--model.weightng=Constant"], ["model.weightng", "did you mean weighting"]),
+        (["--model.timesteps=LogitNormel"], ["LogitNormel", "did you mean LogitNormal", "ModeSampler"]),
+        (["--model.timesteps=LogitNormal", "--model.timesteps.init_args.lco=1"], ["'lco'", "did you mean loc"]),
+        (["--trainer.max_stpes=3"], ["trainer.max_stpes", "did you mean max_steps"]),
+    ],
+)
+def test_misspelt_keys_are_named_with_the_valid_choices(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", f"--config={ROOT / 'configs/toy2d.yaml'}", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err
+
+
+def test_misspelt_key_in_a_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  cond_dropot: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={ROOT / 'configs/toy2d.yaml'}", f"--config={bad}"])
+    err = capsys.readouterr().err
+    assert "model.cond_dropot" in err and "did you mean cond_dropout" in err
+
+
+def test_console_script_help():
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    exe = Path(sys.executable).with_name("rfkit")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env, check=True).stdout
+    assert "fit" in out and "validate" in out
+    out = subprocess.run([exe, "fit", "--help"], capture_output=True, text=True, env=env, check=True).stdout
+    assert "--model.timesteps" in out and "--model.coupling" in out and "--print_config" in out

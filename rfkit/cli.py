@@ -12,6 +12,10 @@ One run directory, ``trainer.default_root_dir``, holds everything a run writes: 
 logger or the checkpoints elsewhere). Runs log to Weights & Biases, offline unless the config says
 ``offline: false``; the resolved config and the git revision go with the run and into every
 checkpoint.
+
+``rfkit fit`` run again on a run directory that holds checkpoints resumes from the last complete
+one (``--resume.auto false`` starts over; ``--ckpt_path`` picks one), and continues the same W&B
+run. See :mod:`rfkit.resume` for what is restored.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 # imported so that their classes resolve by short name in configs and on the command line
 import rfkit.callbacks
@@ -33,10 +39,12 @@ import rfkit.couplings
 import rfkit.data
 import rfkit.models
 import rfkit.solvers
+import rfkit.strategies
 import rfkit.timesteps
 import rfkit.weightings  # noqa: F401
-from rfkit.hints import HintingParser
+from rfkit.hints import HintingParser, refused_value_hint
 from rfkit.module import RectifiedFlow
+from rfkit.resume import AtomicCheckpointIO, Resume, find_last_checkpoint, saved_wandb_run_id
 
 PLUGIN_GROUP = "rfkit.plugins"
 DEFAULT_ROOT = "runs/default"
@@ -101,6 +109,7 @@ class RFKitCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(Resume, "resume")  # always on: RNG states, SIGTERM, auto-resume
         parser.set_defaults(
             {
                 "trainer.default_root_dir": DEFAULT_ROOT,
@@ -120,11 +129,39 @@ class RFKitCLI(LightningCLI):
             args = getattr(logger, "init_args", None)
             if args is not None and args.get("save_dir") in (None, ".", "./"):
                 args.save_dir = root
+        dirs = [Path(root) / "checkpoints", Path(root)]  # Path(root): SLURM's hpc_ckpt_*.ckpt
         for callback in _entries(config.trainer.callbacks):
             if callback.class_path.endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
                 callback.init_args.dirpath = str(Path(root) / "checkpoints")
+            if callback.class_path.endswith("ModelCheckpoint"):
+                dirs.append(Path(callback.init_args.dirpath))
+        if self.subcommand == "fit" and config.resume.auto and config.ckpt_path is None:
+            self._resume_from(config, dirs)
+
+    def _resume_from(self, config, dirs: list[Path]) -> None:
+        """Point ``ckpt_path`` at the last complete checkpoint, and the W&B logger at the run it logged to."""
+        last = find_last_checkpoint(dirs)
+        if last is None:
+            return
+        rank_zero_info(f"rfkit: resuming from {last} (the last complete checkpoint; --resume.auto false starts over)")
+        config.ckpt_path = str(last)
+        run_id = saved_wandb_run_id(last)
+        for logger in _entries(config.trainer.logger):
+            args = getattr(logger, "init_args", None)
+            if run_id and logger.class_path.endswith("WandbLogger") and not (args.get("id") or args.get("version")):
+                args.id = run_id  # WandbLogger resumes a run it is given the id of
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # a constructor refused a value: a config error, reported as one
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            self.parser.error(f"a config value was refused: {err}\n{refused_value_hint(str(err), config)}".strip())
 
     def after_instantiate_classes(self) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # (a plugin from the config is kept)
+            strategy.checkpoint_io = AtomicCheckpointIO()
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         self.model.run_config = {"config": dumped[self.subcommand] if self.subcommand else dumped, **git_revision()}
 

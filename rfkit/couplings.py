@@ -21,6 +21,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from rfkit.distributed import broadcast_from_zero, gather_rows, local_rows, rank_and_world
+
 __all__ = ["Coupling", "Independent", "MinibatchOT", "Reflow", "check_pair"]
 
 
@@ -90,11 +92,21 @@ class MinibatchOT(Coupling):
     ``reg -> 0`` approaches the exact plan, large ``reg`` the independent coupling. Noise rows may
     repeat, as in any draw from a plan.
 
+    Under data parallelism each rank holds ``n`` rows of a global batch of ``world * n``.
+    ``across_ranks=False`` (per-rank) couples each rank's rows among themselves: no communication,
+    ``world`` independent plans of size n (exact: O(n^3) each, in parallel). ``across_ranks=True``
+    (global) all-gathers noise and data, solves one plan on the whole global batch and gives each
+    rank its rows: the plan a single process would find on the concatenated batch, closer to the
+    true OT coupling (the minibatch OT bias shrinks with the batch), at the price of two
+    all-gathers and one (world n)-sized solve (exact: on rank 0, then broadcast). Training is then
+    the same on any number of ranks for the same global batch. Every rank must hold the same ``n``.
+
     Args:
         method: "exact" or "sinkhorn".
         reg: sinkhorn only; relative entropic regularisation, > 0.
         max_iter: sinkhorn only; iteration cap.
         tol: sinkhorn only; stop when the row marginals are within ``tol`` (relative) of uniform.
+        across_ranks: solve one plan for the global batch (True) or one per rank (False).
     """
 
     def __init__(
@@ -103,6 +115,7 @@ class MinibatchOT(Coupling):
         reg: float = 0.05,
         max_iter: int = 200,
         tol: float = 1e-4,
+        across_ranks: bool = False,
     ) -> None:
         if method not in ("exact", "sinkhorn"):
             raise ValueError(f"method must be 'exact' or 'sinkhorn', got {method!r}")
@@ -111,19 +124,32 @@ class MinibatchOT(Coupling):
         if max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         self.method, self.reg, self.max_iter, self.tol = method, float(reg), int(max_iter), float(tol)
+        self.across_ranks = across_ranks
 
     def __call__(self, x0, x1, *, noise=None, generator=None):
         check_pair(x0, x1)
+        if self.across_ranks and rank_and_world()[1] > 1:
+            mine = local_rows(x1.shape[0])
+            x0, x1_all = gather_rows(x0), gather_rows(x1)
+            return x0[self._pairing(x0, x1_all, generator)[mine]], x1
+        return x0[self._pairing(x0, x1, generator)], x1
+
+    def _pairing(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(n,) index of the noise row paired with each data row."""
+        rank, world = rank_and_world()
+        if self.method == "exact" and self.across_ranks and world > 1:
+            # one solve on rank 0, broadcast: every rank must use the very same permutation
+            empty = torch.empty(x1.shape[0], dtype=torch.long, device=x0.device)
+            return broadcast_from_zero(exact_assignment(x0, x1) if rank == 0 else empty)
         if self.method == "exact":
-            perm = exact_assignment(x0, x1)
-        else:
-            plan = sinkhorn_plan(x0, x1, self.reg, self.max_iter, self.tol)
-            where = generator.device if generator is not None else plan.device
-            perm = torch.multinomial(plan.to(where), 1, generator=generator).squeeze(1).to(x0.device)
-        return x0[perm], x1
+            return exact_assignment(x0, x1)
+        plan = sinkhorn_plan(x0, x1, self.reg, self.max_iter, self.tol)
+        where = generator.device if generator is not None else plan.device
+        return torch.multinomial(plan.to(where), 1, generator=generator).squeeze(1).to(x0.device)
 
     def __repr__(self) -> str:
         extra = "" if self.method == "exact" else f", reg={self.reg}"
+        extra += ", across_ranks=True" if self.across_ranks else ""
         return f"MinibatchOT(method={self.method!r}{extra})"
 
 

@@ -49,6 +49,10 @@ def config_hint(message: str, parser) -> str:
     for cls_path, option in re.findall(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message):
         params = [p for p in inspect.signature(_resolve(cls_path)).parameters if p != "self"]
         lines.append(_suggest(f"{cls_path} has no argument {option!r}", option, params, "it takes"))
+    typed = r"(?:class_path '([\w.]+)':\s+)?Parser key \"([\w.]+)\":\s+Expected a <class '([\w.]+)'>\. Got value: (.*)"
+    for cls_path, key, expected, got in re.findall(typed, message):
+        where = f"{key!r} of {cls_path}" if cls_path else repr(key)
+        lines.append(f"wrong type for {where}: expected {expected}, got {got.strip()!r}")
     bases = re.findall(r"Subtypes: \[<class '([\w.]+)'>", message)
     for given, base in zip(re.findall(r"dot import path string: (\S+)", message), bases, strict=False):
         names = sorted({c.__name__ for c in _subclasses(_resolve(base)) if not inspect.isabstract(c)})
@@ -62,3 +66,14 @@ class HintingParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         hint = config_hint(message, self)
         return super().error(f"{message}\n{hint}" if hint else message, ex)
+
+
+def refused_value_hint(message: str, config) -> str:
+    """Names the config key of the class whose constructor refused a value (a ValueError at instantiation)."""
+    given = re.findall(r"Given value: Namespace\(class_path='([\w.]+)'", message)
+    if not given:
+        return ""
+    keys = [k.removesuffix(".class_path") for k, v in config.items() if k.endswith("class_path") and v == given[0]]
+    reasons = re.findall(r"^\s*- (?!Expected a <class 'NoneType'>)(.+)$", message, flags=re.MULTILINE)
+    where = " or ".join(keys) or given[0]
+    return f"{where} ({given[0]}): {reasons[0] if reasons else 'value refused'}"

@@ -9,6 +9,7 @@ One training step, in the convention of DESIGN.md §1::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,8 +21,10 @@ from torchmetrics import MeanMetric
 
 from rfkit import __version__
 from rfkit.couplings import Coupling, Independent
+from rfkit.distributed import any_rank, broadcast_from_zero, local_rows, rank_and_world, stream_seed
 from rfkit.metrics import BinnedMean
 from rfkit.models.base import VelocityModel
+from rfkit.parallel import parallelize
 from rfkit.paths import straight_path
 from rfkit.sampling import generate
 from rfkit.solvers import Euler, Solver
@@ -32,6 +35,14 @@ COND_KEYS = ("cls", "text", "pooled")
 """Batch keys passed to the model as conditioning (see :data:`rfkit.models.Cond`)."""
 
 _COMPONENTS = ["model", "timesteps", "coupling", "weighting", "optimizer", "lr_scheduler", "sample_solver"]
+
+# configure_model below is idempotent and refuses sharding under EMA, so Lightning's generic warning
+# ("WeightAveraging doesn't support sharding model layers") says nothing for rfkit runs
+warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides the configure_model")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss was NaN or inf on some rank; raised on every rank at the same step."""
 
 
 class RectifiedFlow(pl.LightningModule):
@@ -53,6 +64,16 @@ class RectifiedFlow(pl.LightningModule):
         loss_bins: number of t-bins in the logged per-t loss.
         val_levels: fixed t-levels of the validation loss; with fixed noise, two evaluations of
             one checkpoint give the same number.
+        activation_checkpointing: recompute each transformer block in backward instead of keeping
+            its activations (see :func:`rfkit.parallel.parallelize`).
+        compile: ``torch.compile`` each transformer block.
+        skip_nonfinite: on a NaN/inf loss, skip that optimizer step (on every rank) and count it in
+            ``train/skipped_steps``, instead of stopping with :class:`NonFiniteLossError`.
+
+    Training noise, timesteps and label drops are drawn for the *global* batch from a generator
+    seeded by (seed, step, batch index), and each rank keeps its rows. So they are independent
+    across ranks, the same for any number of ranks (1 GPU with batch 2B trains exactly like 2 GPUs
+    with B each), and need no RNG state to resume.
     """
 
     def __init__(
@@ -70,10 +91,15 @@ class RectifiedFlow(pl.LightningModule):
         cfg_scale: float = 1.0,
         loss_bins: int = 10,
         val_levels: int = 8,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout must lie in [0, 1), got {cond_dropout}")
+            raise ValueError(f"model.cond_dropout must lie in [0, 1), got {cond_dropout}")
+        if not sample_shift > 0:
+            raise ValueError(f"model.sample_shift must be > 0 (1 means no shift), got {sample_shift}")
         # Under `rfkit fit` Lightning hands us the parsed config as plain data (class_path + init_args),
         # which is what a checkpoint needs to rebuild this module. Built in Python, the components are
         # objects, so only the scalars are recorded.
@@ -88,6 +114,10 @@ class RectifiedFlow(pl.LightningModule):
         self.sample_solver = sample_solver if sample_solver is not None else Euler()
         self.sample_steps, self.sample_shift, self.cfg_scale = sample_steps, sample_shift, cfg_scale
         self.val_levels = val_levels
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
+        self.skip_nonfinite, self.skipped_steps, self._skip_step = skip_nonfinite, 0, False
+        self.noise_seed: int | None = None  # set at fit start (or from the checkpoint); see the class docstring
+        self._configured = False
         self.run_config: dict[str, Any] | None = None  # the whole resolved config, set by the CLI
         self.train_loss = MeanMetric()
         self.train_loss_by_t = BinnedMean(loss_bins)
@@ -104,22 +134,32 @@ class RectifiedFlow(pl.LightningModule):
         """Per-sample unweighted loss ``mean ||v - u||^2`` (B,) and the timesteps (B,) used."""
         x1 = batch["latent"]
         cond = {k: batch[k] for k in COND_KEYS if k in batch}
+        # draw for the global batch (world x n rows) and keep this rank's rows: see the class docstring
+        n, world, mine = x1.shape[0], rank_and_world()[1], local_rows(x1.shape[0])
         where = generator.device if generator is not None else x1.device
-        x0 = torch.randn(x1.shape, generator=generator, device=where, dtype=x1.dtype).to(x1.device)
-        x0, x1 = self.coupling(x0, x1, noise=batch.get("noise"), generator=generator)
+        x0 = torch.randn((world * n, *x1.shape[1:]), generator=generator, device=where, dtype=x1.dtype)
+        x0, x1 = self.coupling(x0[mine].to(x1.device), x1, noise=batch.get("noise"), generator=generator)
         if t is None:
             sampler = self.timesteps.for_tokens(self.model.num_tokens(tuple(x1.shape[1:])))
-            t = sampler(x1.shape[0], device=x1.device, generator=generator)
+            t = sampler(world * n, device=x1.device, generator=generator)[mine]
         if self.training and self.cond_dropout > 0 and cond:
-            drop = torch.rand(x1.shape[0], device=x1.device) < self.cond_dropout
+            drop = torch.rand(world * n, generator=generator, device=where)[mine].to(x1.device) < self.cond_dropout
             cond = self.model.drop_condition(cond, drop)
         path = straight_path(x0, x1, t)
         v = self.model(path.x_t, t, cond)
         return (v.float() - path.u.float()).pow(2).flatten(1).mean(1), t
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        per_sample, t = self.velocity_loss(batch)
+        generator = None
+        if self._trainer is not None:  # (called by hand, it draws from the global RNG)
+            generator = torch.Generator(self.device).manual_seed(
+                stream_seed(self.noise_seed or 0, self.trainer.global_step, batch_idx)
+            )
+        per_sample, t = self.velocity_loss(batch, generator=generator)
         loss = (self.weighting(t) * per_sample).mean()
+        if any_rank(~torch.isfinite(loss.detach()), loss.device):  # one all-reduce: every rank decides alike
+            self._nonfinite_loss()
+            return loss  # its backward keeps the ranks' collectives in step; the update is dropped
         # accumulate only; values are all-reduced and logged every log_every_n_steps (logging every
         # step costs about a millisecond, more than a small model's step)
         self.train_loss.update(loss.detach())
@@ -131,11 +171,31 @@ class RectifiedFlow(pl.LightningModule):
         step = self.trainer.global_step
         return every > 0 and step > 0 and step % every == 0 and step != self._flushed_at
 
+    def _nonfinite_loss(self) -> None:
+        step = self.trainer.global_step if self._trainer is not None else None
+        if not self.skip_nonfinite:
+            from rfkit.resume import checkpoint_dirs, find_last_checkpoint
+
+            last = find_last_checkpoint(checkpoint_dirs(self.trainer)) if self._trainer is not None else None
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {step} (global_step; on at least one rank). "
+                f"Last good checkpoint: {last or 'none written yet'}. Resume from it with a lower "
+                "learning rate or more warm-up, or set model.skip_nonfinite=true to skip such steps."
+            )
+        self._skip_step = True
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_step:  # no gradient, no update: AdamW leaves moments and weights untouched
+            self._skip_step, self.skipped_steps = False, self.skipped_steps + 1
+            for p in self.parameters():
+                p.grad = None
+            return
         every = self.trainer.log_every_n_steps
         if every > 0 and (self.trainer.global_step + 1) % every == 0:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
-            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            # FSDP2 grads are DTensor shards; their norm comes back as a DTensor: take the full value
+            self._grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._flush_step():
@@ -149,6 +209,8 @@ class RectifiedFlow(pl.LightningModule):
                 metrics[f"train/loss_t/{edges[i]:.2f}-{edges[i + 1]:.2f}"] = value
         if self._grad_norm is not None:
             metrics["train/grad_norm"] = self._grad_norm
+        if self.skip_nonfinite:
+            metrics["train/skipped_steps"] = self.skipped_steps
         for i, group in enumerate(self.trainer.optimizers[0].param_groups):
             metrics[f"train/lr{'' if i == 0 else i}"] = group["lr"]
         self.train_loss.reset()
@@ -185,6 +247,27 @@ class RectifiedFlow(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation & checkpoints
 
+    def configure_model(self) -> None:
+        """Activation checkpointing, compile and (under ``ModelParallelStrategy``) FSDP2, per block.
+
+        Lightning may call this twice (``WeightAveraging.setup`` does); only the first call acts.
+        """
+        if self._configured:
+            return
+        self._configured = True
+        mesh = self.device_mesh
+        if mesh is not None:
+            from lightning.pytorch.callbacks import WeightAveraging
+
+            if any(isinstance(cb, WeightAveraging) for cb in self.trainer.callbacks):
+                raise ValueError(
+                    "EMAWeightAveraging keeps a full, unsharded copy of the model and Lightning does not "
+                    "support it with sharded (FSDP2) models: remove it from trainer.callbacks, or train "
+                    "with strategy: ddp"
+                )
+            mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+        parallelize(self.model, mesh, self.activation_checkpointing, self.compile_blocks)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.model.parameters())
         if self.lr_scheduler_factory is None:
@@ -192,5 +275,20 @@ class RectifiedFlow(pl.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        if self.noise_seed is None:  # seed_everything's seed; one value on every rank
+            seed = torch.tensor([torch.initial_seed() % 2**62], device=self.device)
+            self.noise_seed = int(broadcast_from_zero(seed).item())
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rfkit"] = {"version": __version__, "config": self.run_config}
+        checkpoint["rfkit"] = {
+            "version": __version__,
+            "config": self.run_config,
+            "noise_seed": self.noise_seed,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("rfkit", {})
+        self.noise_seed = saved.get("noise_seed", self.noise_seed)
+        self.skipped_steps = saved.get("skipped_steps", 0)

@@ -7,7 +7,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from rfkit.data.batches import TensorBatches
+from rfkit.data.batches import BatchLoader, TensorBatches, global_batch_split
 
 __all__ = ["Digits"]
 
@@ -23,18 +23,28 @@ class Digits(pl.LightningDataModule):
         batches_per_epoch: length of a training epoch (the set is small, so passes repeat).
         val_fraction: share of images held out.
         seed: seeds the split and the shuffling.
+        global_batch_size: images per optimizer step over all ranks; when set, each rank takes
+            ``global_batch_size / (world size x accumulate_grad_batches)`` and ``batch_size`` is unused.
     """
 
     def __init__(
-        self, batch_size: int = 128, batches_per_epoch: int = 200, val_fraction: float = 0.1, seed: int = 0
+        self,
+        batch_size: int = 128,
+        batches_per_epoch: int = 200,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction, self.seed, self.global_batch_size = val_fraction, seed, global_batch_size
 
     def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+            self.batch_size = global_batch_split(self.global_batch_size, self.batch_size, world, accumulate)
         digits = load_digits()
         images = torch.from_numpy(digits.images).float().div(8.0).sub(1.0).unsqueeze(1)  # (N, 1, 8, 8)
         labels = torch.from_numpy(digits.target).long()
@@ -45,8 +55,7 @@ class Digits(pl.LightningDataModule):
         self.val_set = {"latent": images[val], "cls": labels[val]}
 
     def train_dataloader(self) -> DataLoader:
-        ds = TensorBatches(self.train_set, self.batch_size, self.batches_per_epoch, self.seed)
-        return DataLoader(ds, batch_size=None)
+        return BatchLoader(TensorBatches(self.train_set, self.batch_size, self.batches_per_epoch, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         batch = min(self.batch_size, len(self.val_set["cls"]))

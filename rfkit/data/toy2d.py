@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from rfkit.data.batches import rank_and_world, stream_seed
+from rfkit.data.batches import BatchLoader, Position, global_batch_split, rank_and_world, stream_seed
 
 __all__ = ["Checkerboard", "Circles", "EightGaussians", "Moons", "Spirals", "Toy2D", "ToyDistribution"]
 
@@ -103,14 +103,17 @@ class _Fresh(IterableDataset):
 
     def __init__(self, target: ToyDistribution, batch_size: int, num_batches: int, seed: int) -> None:
         self.target, self.batch_size, self.num_batches, self.seed = target, batch_size, num_batches, seed
-        self.epoch = 0
+        self.position = Position()
 
     def __iter__(self):
         rank, _ = rank_and_world()
-        g = torch.Generator().manual_seed(stream_seed(self.seed, rank, self.epoch))
-        self.epoch += 1
-        for _ in range(self.num_batches):
-            yield {"latent": self.target(self.batch_size, g)}
+        epoch, skip = self.position.start_pass(self.num_batches)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, rank, epoch))
+        for i in range(self.num_batches):
+            batch = {"latent": self.target(self.batch_size, g)}  # drawn even when skipped: the stream stays the same
+            if i >= skip:
+                self.position.advance()
+                yield batch
 
     def __len__(self) -> int:
         return self.num_batches
@@ -128,6 +131,8 @@ class Toy2D(pl.LightningDataModule):
         batches_per_epoch: length of a training epoch.
         val_size: points in the fixed validation batch.
         seed: seeds both streams.
+        global_batch_size: points per optimizer step over all ranks; when set, each rank draws
+            ``global_batch_size / (world size x accumulate_grad_batches)`` and ``batch_size`` is unused.
     """
 
     def __init__(
@@ -137,15 +142,20 @@ class Toy2D(pl.LightningDataModule):
         batches_per_epoch: int = 500,
         val_size: int = 2000,
         seed: int = 0,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.target = target if target is not None else Moons()
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
-        self.val_size, self.seed = val_size, seed
+        self.val_size, self.seed, self.global_batch_size = val_size, seed, global_batch_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+            self.batch_size = global_batch_split(self.global_batch_size, self.batch_size, world, accumulate)
 
     def train_dataloader(self) -> DataLoader:
-        ds = _Fresh(self.target, self.batch_size, self.batches_per_epoch, self.seed)
-        return DataLoader(ds, batch_size=None)
+        return BatchLoader(_Fresh(self.target, self.batch_size, self.batches_per_epoch, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         pts = self.target(self.val_size, torch.Generator().manual_seed(self.seed + 10_000))

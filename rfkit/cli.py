@@ -42,6 +42,7 @@ import rfkit.solvers
 import rfkit.strategies
 import rfkit.timesteps
 import rfkit.weightings  # noqa: F401
+from rfkit.data.batches import global_batch_split
 from rfkit.hints import HintingParser, refused_value_hint
 from rfkit.module import RectifiedFlow
 from rfkit.resume import AtomicCheckpointIO, Resume, find_last_checkpoint, saved_wandb_run_id
@@ -159,9 +160,16 @@ class RFKitCLI(LightningCLI):
             self.parser.error(f"a config value was refused: {err}\n{refused_value_hint(str(err), config)}".strip())
 
     def after_instantiate_classes(self) -> None:
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # (a plugin from the config is kept)
-            strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer = self.trainer
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # (a plugin from the config is kept)
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        global_batch = getattr(self.datamodule, "global_batch_size", None)
+        if global_batch is not None:  # checked here, before any process is launched
+            world = trainer.num_nodes * trainer.num_devices
+            try:
+                global_batch_split(global_batch, 0, world, trainer.accumulate_grad_batches)
+            except ValueError as err:
+                self.parser.error(str(err))
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         self.model.run_config = {"config": dumped[self.subcommand] if self.subcommand else dumped, **git_revision()}
 

@@ -9,6 +9,7 @@ One training step, in the convention of DESIGN.md §1::
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -124,6 +125,15 @@ class RectifiedFlow(pl.LightningModule):
         self.last_loss_by_t: Tensor | None = None  # the latest flushed per-t curve, for callbacks
         self._grad_norm: Tensor | None = None
         self._flushed_at = -1
+
+    def __deepcopy__(self, memo: dict) -> RectifiedFlow:
+        # The optimizer factories LightningCLI builds reference the CLI, hence the trainer and, under DDP,
+        # its locks, which cannot be copied. A copy (EMAWeightAveraging makes one) shares them instead.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        memo.update({id(f): f for f in (self.optimizer_factory, self.lr_scheduler_factory)})
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     # ------------------------------------------------------------------ training
 

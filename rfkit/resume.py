@@ -144,9 +144,13 @@ class Resume(pl.Callback):
       W&B run id; on resume each rank gets its own states back before the first step.
     - On SIGTERM (preemption, ``scancel``, Kubernetes eviction) Lightning finishes the current
       step on every rank; this callback then writes ``last.ckpt`` and the process exits with 0.
+    - When training ends at a step no checkpoint was written at (``max_steps`` is not a multiple
+      of ``every_n_train_steps``), it writes ``last.ckpt``, so the last steps are not lost.
     - Lightning's ``EMAWeightAveraging`` copies the average into the model when training ends,
-      before ``ModelCheckpoint`` may write a final ``last.ckpt``; that file would then resume from
-      the average. The trained weights are kept at the last epoch end and stored instead.
+      before a final ``last.ckpt`` is written; that file would then resume from the average. The
+      trained weights are kept at the last epoch end and stored as ``current_model_state``.
+
+    Both writes need checkpointing on (a ``ModelCheckpoint``) and go to its folder.
 
     Args:
         auto: ``rfkit fit`` resumes from the last complete checkpoint of the run directory
@@ -159,6 +163,7 @@ class Resume(pl.Callback):
         self._trainer: pl.Trainer | None = None
         self._restore: dict[str, Any] | None = None
         self._trained: dict[str, torch.Tensor] | None = None
+        self._saved_step = -1
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -186,9 +191,17 @@ class Resume(pl.Callback):
             _set_rng_state(self._restore)
             self._restore = None
 
-    # ---- SIGTERM
+    # ---- SIGTERM, and the end of training
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self.save_on_sigterm and isinstance(exception, SIGTERMException) and trainer.checkpoint_callback:
+        if self.save_on_sigterm and isinstance(exception, SIGTERMException):
+            self._save_last(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._saved_step != trainer.global_step:
+            self._save_last(trainer)
+
+    def _save_last(self, trainer: pl.Trainer) -> None:
+        if trainer.checkpoint_callback is not None:  # every rank calls this: saving is collective
             folder = Path(trainer.checkpoint_callback.dirpath or Path(trainer.default_root_dir) / "checkpoints")
             trainer.save_checkpoint(folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt")
 
@@ -201,5 +214,6 @@ class Resume(pl.Callback):
             self._trained = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._saved_step = checkpoint["global_step"]
         if self._trained is not None and "current_model_state" in checkpoint:
             checkpoint["current_model_state"] = self._trained

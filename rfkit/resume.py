@@ -143,7 +143,8 @@ class Resume(pl.Callback):
     - Every checkpoint holds the RNG states of every rank (torch, CUDA, numpy, python) and the
       W&B run id; on resume each rank gets its own states back before the first step.
     - On SIGTERM (preemption, ``scancel``, Kubernetes eviction) Lightning finishes the current
-      step on every rank; this callback then writes ``last.ckpt`` and the process exits with 0.
+      step (or validation batch) on every rank; this callback then writes ``last.ckpt`` and the
+      process exits with 0. Stopped mid-validation, the EMA average is first swapped back out.
     - When training ends at a step no checkpoint was written at (``max_steps`` is not a multiple
       of ``every_n_train_steps``), it writes ``last.ckpt``, so the last steps are not lost.
     - Lightning's ``EMAWeightAveraging`` copies the average into the model when training ends,
@@ -194,6 +195,10 @@ class Resume(pl.Callback):
     # ---- SIGTERM, and the end of training
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.save_on_sigterm and isinstance(exception, SIGTERMException):
+            if trainer.validating:  # stopped mid-validation, with the EMA average swapped in: swap it out
+                for cb in trainer.callbacks:
+                    if isinstance(cb, WeightAveraging):
+                        cb.on_validation_epoch_end(trainer, pl_module)
             self._save_last(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -59,3 +60,15 @@ class OutputDtype(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         pl_module.model.register_forward_hook(lambda module, args, out: type(self).seen.append(out.dtype))
+
+
+def child_env() -> dict[str, str]:
+    """Environment for an ``rfkit`` subprocess: these fixtures importable, and its own W&B service.
+
+    (wandb points child processes at the parent's service through WANDB_SERVICE; a child killed
+    with SIGKILL would leave its run open there, unlike a real preempted job, whose service dies too.)
+    """
+    tests = str(Path(__file__).resolve().parent)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env["PYTHONPATH"] = os.pathsep.join([tests, env.get("PYTHONPATH", "")])
+    return env

@@ -8,14 +8,13 @@ losses and gradient norms within 1e-5 relative.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from scale_fixtures import OutputDtype
+from scale_fixtures import OutputDtype, child_env
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from wandb_log import history
 
@@ -43,8 +42,7 @@ def run(config: str, run_dir: Path, *extra: str, processes: int = 2) -> None:
     if processes == 1:
         main([*args, *ONE_PROCESS])
         return
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "rfkit.cli", *args], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "rfkit.cli", *args], env=child_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -138,7 +136,7 @@ def test_activation_checkpointing_and_compile_keep_names_and_values():
         assert name == name2
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
     # compiling is lazy (the first call compiles, ~45 s for this model on a 2-core CPU): check the wiring
-    compiled = parallelize(DiT(in_channels=1, input_size=8, width=32, depth=2, heads=2), compile=True)
+    compiled = parallelize(DiT(in_channels=1, input_size=8, width=32, depth=2, heads=2, num_classes=10), compile=True)
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
     assert list(compiled.state_dict()) == list(plain.state_dict())
 

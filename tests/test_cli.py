@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from scale_fixtures import child_env
 from wandb_log import history
 
 import rfkit
@@ -28,20 +29,27 @@ TINY = {
     ],
     "toy2d.yaml": ["--data.init_args.batches_per_epoch=6", "--data.init_args.val_size=64", "--model.sample_steps=2"],
 }
+# 2-process configs: the same, with 2 blocks to shard; run as real commands that launch their ranks
+TINY["digits_ddp.yaml"] = TINY["digits_fsdp.yaml"] = [
+    "--model.model.init_args.width=32",
+    "--model.model.init_args.depth=2",
+    "--data.init_args.global_batch_size=64",
+    "--data.init_args.batches_per_epoch=6",
+    "--model.sample_steps=2",
+]
 STEPS = ["--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2"]
 
 
 def fit(config: str, run_dir: Path, *extra: str) -> None:
-    main(
-        [
-            "fit",
-            f"--config={ROOT / 'configs' / config}",
-            f"--trainer.default_root_dir={run_dir}",
-            *STEPS,
-            *TINY[config],
-            *extra,
-        ]
-    )
+    args = ["fit", f"--config={ROOT / 'configs' / config}", f"--trainer.default_root_dir={run_dir}"]
+    args += [*STEPS, *TINY[config], *extra]
+    if yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"].get("devices", 1) == 1:
+        main(args)
+    else:  # Lightning launches the other ranks by running the same command again
+        done = subprocess.run(
+            [sys.executable, "-m", "rfkit.cli", *args], env=child_env(), capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_every_config_has_tiny_overrides():
@@ -52,7 +60,7 @@ def test_every_config_has_tiny_overrides():
 def test_fit_end_to_end(config, tmp_path):
     fit(config, tmp_path)
     assert (tmp_path / "config.yaml").is_file()
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # a file, or a folder of shards (FSDP2)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     curve = (tmp_path / "loss_by_t.csv").read_text().splitlines()
     assert curve[0].startswith("step,t=0.050") and len(curve) == 3

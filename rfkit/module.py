@@ -167,6 +167,10 @@ class RectifiedFlow(pl.LightningModule):
         levels = (torch.arange(n, device=self.device) % self.val_levels + 0.5) / self.val_levels
         per_sample, _t = self.velocity_loss(batch, t=levels.to(batch["latent"].dtype), generator=g)
         self.log("val/loss", per_sample.mean(), on_epoch=True, sync_dist=True, batch_size=n, prog_bar=True)
+        for k in range(min(self.val_levels, n)):
+            at_level = per_sample[k :: self.val_levels]
+            name = f"val/loss_t/{(k + 0.5) / self.val_levels:.3f}"
+            self.log(name, at_level.mean(), on_epoch=True, sync_dist=True, batch_size=at_level.numel())
 
     @torch.no_grad()
     def sample(

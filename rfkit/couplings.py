@@ -16,7 +16,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Literal
 
+import lap
 import numpy as np
+import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -77,11 +79,9 @@ class MinibatchOT(Coupling):
     ``method="exact"``: the optimal permutation ``pi`` of the noise,
     ``min_pi sum_j ||x0[pi(j)] - x1[j]||^2``. Every noise row is used exactly once, so the noise
     marginal of the batch is untouched (torchcfm instead samples pairs from the plan with
-    replacement, repeating some noise rows and dropping others). Since
-    ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` and the norms do not depend on ``pi``, the solver
-    maximises ``sum_j x0[pi(j)] . x1[j]``: one (n, d) x (d, n) matmul on the inputs' device, then the
-    Jonker-Volgenant assignment solver (scipy's ``linear_sum_assignment``, O(n^3) worst case, on
-    the CPU in float64).
+    replacement, repeating some noise rows and dropping others). Solved exactly by
+    :func:`exact_assignment` (Jonker-Volgenant for latents, the network simplex for low-dimensional
+    data), on the CPU in float64.
 
     ``method="sinkhorn"``: the entropic plan ``P = argmin <P, C> - eps H(P)`` with uniform marginals,
     by log-domain Sinkhorn iterations on the inputs' device; each data row then draws its noise
@@ -127,14 +127,40 @@ class MinibatchOT(Coupling):
         return f"MinibatchOT(method={self.method!r}{extra})"
 
 
+LOW_DIM = 16
+"""Below this many dimensions per sample, exact OT uses the network simplex; from it on, Jonker-Volgenant."""
+
+
 def exact_assignment(x0: Tensor, x1: Tensor) -> Tensor:
-    """(n,) long tensor ``perm`` minimising ``sum_j ||x0[perm[j]] - x1[j]||^2`` (a permutation)."""
+    """(n,) long tensor ``perm`` minimising ``sum_j ||x0[perm[j]] - x1[j]||^2``: a permutation.
+
+    Two exact solvers, chosen by the dimension d of a flattened sample, because their speed depends
+    on it in opposite ways (measured by ``tools/bench_ot.py``):
+
+    - d >= 16 (latents): Jonker-Volgenant (``lap.lapjv``) on ``-x1 @ x0.T``. The squared norms in
+      ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` do not depend on the permutation, so one matmul
+      on the inputs' device gives an equivalent cost matrix.
+    - d < 16 (e.g. 2-D toys): the cost matrix is nearly degenerate (many near-ties), which slows
+      shortest-augmenting-path solvers by 10x or more; the network simplex (POT's ``emd``) is not
+      hurt. With uniform marginals its optimal vertex is a permutation matrix, read off row-wise.
+
+    The solve runs on the CPU in float64; the result is moved to ``x0``'s device.
+    """
     a = x1.reshape(x1.shape[0], -1)
     b = x0.reshape(x0.shape[0], -1)
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    score = a.to(dtype) @ b.to(dtype).T  # (n_data, n_noise); larger is cheaper
-    _, cols = linear_sum_assignment(score.cpu().double().numpy(), maximize=True)
-    return torch.from_numpy(cols.astype(np.int64)).to(x0.device)
+    n, d = a.shape
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    if d >= LOW_DIM:
+        cost = -(a.to(work) @ b.to(work).T)  # (n_data, n_noise)
+        _, cols, _ = lap.lapjv(cost.cpu().double().numpy(), extend_cost=False)
+    else:
+        cost = torch.cdist(a.to(work), b.to(work)).pow(2).cpu().double().numpy()
+        uniform = np.full(n, 1.0 / n)
+        plan = ot.emd(uniform, uniform, cost, numItermax=100_000_000)
+        cols = plan.argmax(axis=1)
+        if len(np.unique(cols)) != n:  # a degenerate vertex; never seen, but never return a non-permutation
+            _, cols = linear_sum_assignment(cost)
+    return torch.from_numpy(np.asarray(cols, dtype=np.int64)).to(x0.device)
 
 
 def sinkhorn_plan(x0: Tensor, x1: Tensor, reg: float, max_iter: int, tol: float) -> Tensor:

@@ -186,9 +186,9 @@ def check_coupling(
     _require(isinstance(coupling, Coupling), coupling, "it must subclass rfkit.couplings.Coupling")
     g = _gen(1234)
     x0 = torch.randn(16, 4, 2, 2, generator=g) if x0 is None else x0
-    x1 = torch.randn(x0.shape, generator=g) * 0.5 + 2.0 if x1 is None else x1
+    x1 = (torch.randn(x0.shape, generator=g) * 0.5 + 2.0).to(x0) if x1 is None else x1
     if noise is None and rows_of == "noise":
-        noise = torch.randn(x1.shape, generator=g)
+        noise = torch.randn(x1.shape, generator=g).to(x1)
     inputs = {"x0": x0, "x1": x1, "noise": noise, **{f"cond[{k!r}]": v for k, v in (cond or {}).items()}}
     before = {k: v.clone() for k, v in inputs.items() if v is not None}
 
@@ -216,7 +216,7 @@ def check_coupling(
         if permutation:
             used = match.float().argmax(1)
             _require(
-                torch.equal(used.sort().values, torch.arange(len(used))),
+                torch.equal(used.sort().values, torch.arange(len(used), device=used.device)),
                 coupling,
                 f"x0' must be a permutation of {rows_of} (every row used exactly once), "
                 f"but {len(used) - len(used.unique())} rows repeat",
@@ -230,7 +230,7 @@ def check_coupling(
         coupling, lambda: coupling(x0, longer, noise=noise, cond=cond), f"x1 with {n + 1} rows against {n} noise rows"
     )
     bad = x1.clone()
-    bad.view(-1)[0] = float("nan")
+    bad[(0,) * bad.ndim] = float("nan")
     _raises_value_error(coupling, lambda: coupling(x0, bad, noise=noise, cond=cond), "a NaN in x1")
 
 

@@ -12,9 +12,11 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
 import yaml
 
 import rfkit
+from rfkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RFKIT = Path(sys.executable).with_name("rfkit")
@@ -76,3 +78,10 @@ def test_fit_by_short_names_through_the_console_script(tmp_path):
     module = rfkit.load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert repr(module.timesteps) == "Beta(a=2.0, b=1.5)" and repr(module.weighting) == "P2Weight(gamma=0.5, k=1.0)"
     assert type(module.coupling).__name__ == "WithinClassOT" and type(module.sample_solver).__name__ == "RK3"
+
+
+def test_a_misspelt_plugin_name_gets_a_hint(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", f"--config={ROOT / 'configs' / 'digits.yaml'}", "--model.coupling=WithinClasOT"])
+    assert exit_.value.code == 2
+    assert "did you mean WithinClassOT?" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 A coupling receives a batch of noise ``x0`` and data ``x1`` and returns the pairs to train on.
 It never moves ``x1``: labels and text embeddings are indexed like ``x1`` and must stay aligned.
-It reorders or replaces ``x0`` only.
+It reorders or replaces ``x0`` only. The batch's conditioning comes along read-only as ``cond``
+(the keys of :data:`rfkit.module.COND_KEYS`, e.g. ``cond["cls"]``), so a coupling may pair within
+classes without ever seeing, or moving, anything but the noise.
 
 Why it matters (seed-notes): with the independent coupling straight paths cross, the network can
 only learn their average, and the loss has a positive floor. An optimal-transport coupling (Brenier
@@ -14,6 +16,7 @@ flow (Liu et al. 2022).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Literal
 
 import lap
@@ -37,6 +40,7 @@ class Coupling(ABC):
         *,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
+        cond: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Couple a batch.
 
@@ -45,6 +49,9 @@ class Coupling(ABC):
             x1: (n, *shape) data latents.
             noise: (n, *shape) noise the data carries with each sample (reflow pairs), or None.
             generator: randomness for couplings that draw (e.g. from an entropic plan).
+            cond: the batch's conditioning, indexed like ``x1`` (``"cls"`` (n,) int64 labels,
+                ``"text"`` (n, L, D), ``"pooled"`` (n, D)), or None. Read-only: most couplings
+                ignore it; a class-aware coupling pairs within ``cond["cls"]``.
 
         Returns:
             ``(x0', x1)``: the noise to pair with each data row, (n, *shape), and ``x1`` itself.
@@ -68,7 +75,7 @@ def check_pair(x0: Tensor, x1: Tensor, name0: str = "x0", name1: str = "x1") -> 
 class Independent(Coupling):
     """The product coupling: each data sample keeps the noise it was drawn with."""
 
-    def __call__(self, x0, x1, *, noise=None, generator=None):
+    def __call__(self, x0, x1, *, noise=None, generator=None, cond=None):
         check_pair(x0, x1)
         return x0, x1
 
@@ -112,7 +119,7 @@ class MinibatchOT(Coupling):
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         self.method, self.reg, self.max_iter, self.tol = method, float(reg), int(max_iter), float(tol)
 
-    def __call__(self, x0, x1, *, noise=None, generator=None):
+    def __call__(self, x0, x1, *, noise=None, generator=None, cond=None):
         check_pair(x0, x1)
         if self.method == "exact":
             perm = exact_assignment(x0, x1)
@@ -193,7 +200,7 @@ class Reflow(Coupling):
     independently would silently undo the reflow.
     """
 
-    def __call__(self, x0, x1, *, noise=None, generator=None):
+    def __call__(self, x0, x1, *, noise=None, generator=None, cond=None):
         if noise is None:
             raise ValueError(
                 "Reflow needs the noise each sample was generated from, and this batch carries "

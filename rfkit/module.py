@@ -2,7 +2,7 @@
 
 One training step, in the convention of DESIGN.md §1::
 
-    x1 = batch latents;  x0 ~ N(0, I);  (x0, x1) = coupling(x0, x1)
+    x1 = batch latents;  x0 ~ N(0, I);  (x0, x1) = coupling(x0, x1, cond=...)
     t ~ timesteps;  x_t = (1 - t) x0 + t x1;  u = x1 - x0
     loss = mean_i  w(t_i) * mean ||v(x_t, t, cond) - u||^2
 """
@@ -106,7 +106,7 @@ class RectifiedFlow(pl.LightningModule):
         cond = {k: batch[k] for k in COND_KEYS if k in batch}
         where = generator.device if generator is not None else x1.device
         x0 = torch.randn(x1.shape, generator=generator, device=where, dtype=x1.dtype).to(x1.device)
-        x0, x1 = self.coupling(x0, x1, noise=batch.get("noise"), generator=generator)
+        x0, x1 = self.coupling(x0, x1, noise=batch.get("noise"), generator=generator, cond=cond)
         if t is None:
             sampler = self.timesteps.for_tokens(self.model.num_tokens(tuple(x1.shape[1:])))
             t = sampler(x1.shape[0], device=x1.device, generator=generator)

@@ -67,12 +67,21 @@ class StepClock(pl.Callback):
 
 def run_rfkit(spec: dict, steps: int, warmup: int) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
-        rfkit_main([
-            "fit", f"--config={ROOT / 'configs' / spec['config']}", f"--trainer.default_root_dir={run_dir}",
-            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
-            "--trainer.callbacks+=__main__.StepClock", f"--trainer.callbacks.warmup={warmup}",
-            "--trainer.enable_checkpointing=false", "--trainer.log_every_n_steps=50", *spec["overrides"],
-        ])
+        rfkit_main(
+            [
+                "fit",
+                f"--config={ROOT / 'configs' / spec['config']}",
+                f"--trainer.default_root_dir={run_dir}",
+                f"--trainer.max_steps={steps}",
+                "--trainer.limit_val_batches=0",
+                "--trainer.callbacks=[]",
+                "--trainer.callbacks+=__main__.StepClock",
+                f"--trainer.callbacks.warmup={warmup}",
+                "--trainer.enable_checkpointing=false",
+                "--trainer.log_every_n_steps=50",
+                *spec["overrides"],
+            ]
+        )
     clock = StepClock.last
     return (clock.steps - clock.warmup) / (clock.end - clock.start)
 
@@ -83,8 +92,8 @@ def run_loop(spec: dict, steps: int, warmup: int) -> float:
     opt = spec["optimizer"](model.parameters())
     data = spec["data"]()
     data.setup("fit")
-    start, done = None, 0
-    for batch in data.train_dataloader():
+    start = None
+    for done, batch in enumerate(data.train_dataloader(), start=1):
         x1 = batch["latent"]
         cond = {"cls": batch["cls"]} if spec["cond"] else {}
         x0 = torch.randn_like(x1)
@@ -94,7 +103,6 @@ def run_loop(spec: dict, steps: int, warmup: int) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        done += 1
         if done == warmup:
             start = time.perf_counter()
         if done == steps:

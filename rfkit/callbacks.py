@@ -1,4 +1,4 @@
-"""Callbacks: sample grids and per-t loss curves, written to the run directory and to W&B.
+"""Callbacks: sample grids, per-t loss curves and flow diagnostics, for the run directory and W&B.
 
 EMA needs no callback of ours: Lightning's ``EMAWeightAveraging`` swaps the averaged weights in
 for validation, and both callbacks below act during validation, so they see the EMA weights.
@@ -14,8 +14,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from rfkit.diagnostics import flow_stats
 from rfkit.images import sample_image
+from rfkit.metrics import Wasserstein2
 from rfkit.module import COND_KEYS
+from rfkit.sampling import guided_velocity
+from rfkit.solvers import Euler
 
 
 class SampleGrid(pl.Callback):
@@ -86,3 +90,44 @@ class LossCurve(pl.Callback):
                 table = wandb.Table(data=rows, columns=["t", "loss"])
                 plot = wandb.plot.line(table, "t", "loss", title=f"training loss by t (step {trainer.global_step})")
                 logger.experiment.log({"loss_by_t": plot, "trainer/global_step": trainer.global_step})
+
+
+class FlowDiagnostics(pl.Callback):
+    """At each validation: straightness and transport cost of the flow, and W2 for 2-D data.
+
+    From fixed noise (the same at every validation) and the first validation batch's condition,
+    integrates the (EMA) model with ``num_steps`` Euler steps and logs ``val/straightness`` and
+    ``val/transport_cost`` (see :mod:`rfkit.diagnostics`). For vector data it also logs
+    ``val/w2@K``: the exact W2 between K-step samples and the validation batch, for each K in
+    ``w2_steps``, the measure of few-step quality.
+
+    Args:
+        num_samples: trajectories (at most the validation batch size).
+        num_steps: Euler steps of the straightness integral.
+        w2_steps: step counts at which W2 is measured (vector data only).
+        seed: seed of the fixed noise.
+    """
+
+    def __init__(
+        self, num_samples: int = 256, num_steps: int = 100, w2_steps: tuple[int, ...] = (1, 2, 4, 8), seed: int = 1
+    ) -> None:
+        self.num_samples, self.num_steps, self.w2_steps, self.seed = num_samples, num_steps, tuple(w2_steps), seed
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
+            return
+        x1 = batch["latent"]
+        n = min(self.num_samples, x1.shape[0])
+        cond = {k: batch[k][:n] for k in COND_KEYS if k in batch}
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        x0 = torch.randn((n, *x1.shape[1:]), generator=g, device=pl_module.device, dtype=x1.dtype)
+        velocity = guided_velocity(pl_module.model, cond, pl_module.cfg_scale)
+        stats = flow_stats(velocity, x0, self.num_steps)
+        metrics = {"val/straightness": stats.straightness, "val/transport_cost": stats.transport_cost}
+        if x1.ndim == 2:
+            for steps in self.w2_steps:
+                w2 = Wasserstein2()
+                w2.update(x1, real=True)
+                w2.update(pl_module.sample(x0, cond, num_steps=steps, solver=Euler()), real=False)
+                metrics[f"val/w2@{steps}"] = float(w2.compute())
+        pl_module.log_dict(metrics, on_epoch=True, batch_size=n, sync_dist=True)

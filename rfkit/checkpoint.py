@@ -18,7 +18,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise ValueError(
-            f"{path} is not an rfkit checkpoint that loads safely (weights_only=True): {err}. "
+            f"{path} is not an rfkit checkpoint: it does not load with weights_only=True "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
             "Checkpoints written by `rfkit fit` hold only tensors and plain config data."
         ) from err
     if not isinstance(ckpt, dict) or "rfkit" not in ckpt or "state_dict" not in ckpt:

@@ -1,4 +1,5 @@
-"""``rfkit``: the command line. A LightningCLI: ``rfkit fit|validate|test|predict --config FILE``.
+"""``rfkit``: the command line. ``rfkit fit|validate|test|predict --config FILE`` (a LightningCLI) and
+``rfkit sample`` (see ``rfkit sample --help``).
 
 Every component is named in YAML by ``class_path`` (a full dotted path) or by its short class name
 when the class is importable: rfkit's built-ins, and classes of any package that declares the
@@ -174,9 +175,27 @@ class RFKitCLI(LightningCLI):
         self.model.run_config = {"config": dumped[self.subcommand] if self.subcommand else dumped, **git_revision()}
 
 
+def run_command(name: str, args: list[str]) -> None:
+    """``rfkit sample ...`` / ``rfkit reflow ...``: functions whose signatures are their options."""
+    from jsonargparse import auto_cli
+
+    from rfkit.commands.sample import sample
+
+    commands = {"sample": sample}
+    try:
+        result = auto_cli(commands[name], args=args, as_positional=False, prog=f"rfkit {name}")
+    except (ValueError, FileNotFoundError) as err:  # bad input: say what, no traceback
+        sys.exit(f"rfkit {name}: error: {err}")
+    print(yaml.safe_dump(result, sort_keys=False).rstrip())
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``rfkit`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
     load_plugins()
+    if argv and argv[0] in ("sample",):
+        run_command(argv[0], argv[1:])
+        return
     try:
         RFKitCLI(args=args)
     finally:

@@ -2,7 +2,9 @@
 
 A coupling receives a batch of noise ``x0`` and data ``x1`` and returns the pairs to train on.
 It never moves ``x1``: labels and text embeddings are indexed like ``x1`` and must stay aligned.
-It reorders or replaces ``x0`` only.
+It reorders or replaces ``x0`` only. The batch's conditioning comes along read-only as ``cond``
+(the keys of :data:`rfkit.module.COND_KEYS`, e.g. ``cond["cls"]``), so a coupling may pair within
+classes without ever seeing, or moving, anything but the noise.
 
 Why it matters (seed-notes): with the independent coupling straight paths cross, the network can
 only learn their average, and the loss has a positive floor. An optimal-transport coupling (Brenier
@@ -14,9 +16,12 @@ flow (Liu et al. 2022).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Literal
 
+import lap
 import numpy as np
+import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -37,6 +42,7 @@ class Coupling(ABC):
         *,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
+        cond: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Couple a batch.
 
@@ -45,6 +51,9 @@ class Coupling(ABC):
             x1: (n, *shape) data latents.
             noise: (n, *shape) noise the data carries with each sample (reflow pairs), or None.
             generator: randomness for couplings that draw (e.g. from an entropic plan).
+            cond: the batch's conditioning, indexed like ``x1`` (``"cls"`` (n,) int64 labels,
+                ``"text"`` (n, L, D), ``"pooled"`` (n, D)), or None. Read-only: most couplings
+                ignore it; a class-aware coupling pairs within ``cond["cls"]``.
 
         Returns:
             ``(x0', x1)``: the noise to pair with each data row, (n, *shape), and ``x1`` itself.
@@ -68,7 +77,7 @@ def check_pair(x0: Tensor, x1: Tensor, name0: str = "x0", name1: str = "x1") -> 
 class Independent(Coupling):
     """The product coupling: each data sample keeps the noise it was drawn with."""
 
-    def __call__(self, x0, x1, *, noise=None, generator=None):
+    def __call__(self, x0, x1, *, noise=None, generator=None, cond=None):
         check_pair(x0, x1)
         return x0, x1
 
@@ -79,11 +88,9 @@ class MinibatchOT(Coupling):
     ``method="exact"``: the optimal permutation ``pi`` of the noise,
     ``min_pi sum_j ||x0[pi(j)] - x1[j]||^2``. Every noise row is used exactly once, so the noise
     marginal of the batch is untouched (torchcfm instead samples pairs from the plan with
-    replacement, repeating some noise rows and dropping others). Since
-    ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` and the norms do not depend on ``pi``, the solver
-    maximises ``sum_j x0[pi(j)] . x1[j]``: one (n, d) x (d, n) matmul on the inputs' device, then the
-    Jonker-Volgenant assignment solver (scipy's ``linear_sum_assignment``, O(n^3) worst case, on
-    the CPU in float64).
+    replacement, repeating some noise rows and dropping others). Solved exactly by
+    :func:`exact_assignment` (Jonker-Volgenant for latents, the network simplex for low-dimensional
+    data), on the CPU in float64.
 
     ``method="sinkhorn"``: the entropic plan ``P = argmin <P, C> - eps H(P)`` with uniform marginals,
     by log-domain Sinkhorn iterations on the inputs' device; each data row then draws its noise
@@ -126,7 +133,7 @@ class MinibatchOT(Coupling):
         self.method, self.reg, self.max_iter, self.tol = method, float(reg), int(max_iter), float(tol)
         self.across_ranks = across_ranks
 
-    def __call__(self, x0, x1, *, noise=None, generator=None):
+    def __call__(self, x0, x1, *, noise=None, generator=None, cond=None):
         check_pair(x0, x1)
         if self.across_ranks and rank_and_world()[1] > 1:
             mine = local_rows(x1.shape[0])
@@ -153,14 +160,40 @@ class MinibatchOT(Coupling):
         return f"MinibatchOT(method={self.method!r}{extra})"
 
 
+LOW_DIM = 16
+"""Below this many dimensions per sample, exact OT uses the network simplex; from it on, Jonker-Volgenant."""
+
+
 def exact_assignment(x0: Tensor, x1: Tensor) -> Tensor:
-    """(n,) long tensor ``perm`` minimising ``sum_j ||x0[perm[j]] - x1[j]||^2`` (a permutation)."""
+    """(n,) long tensor ``perm`` minimising ``sum_j ||x0[perm[j]] - x1[j]||^2``: a permutation.
+
+    Two exact solvers, chosen by the dimension d of a flattened sample, because their speed depends
+    on it in opposite ways (measured by ``tools/bench_ot.py``):
+
+    - d >= 16 (latents): Jonker-Volgenant (``lap.lapjv``) on ``-x1 @ x0.T``. The squared norms in
+      ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` do not depend on the permutation, so one matmul
+      on the inputs' device gives an equivalent cost matrix.
+    - d < 16 (e.g. 2-D toys): the cost matrix is nearly degenerate (many near-ties), which slows
+      shortest-augmenting-path solvers by 10x or more; the network simplex (POT's ``emd``) is not
+      hurt. With uniform marginals its optimal vertex is a permutation matrix, read off row-wise.
+
+    The solve runs on the CPU in float64; the result is moved to ``x0``'s device.
+    """
     a = x1.reshape(x1.shape[0], -1)
     b = x0.reshape(x0.shape[0], -1)
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    score = a.to(dtype) @ b.to(dtype).T  # (n_data, n_noise); larger is cheaper
-    _, cols = linear_sum_assignment(score.cpu().double().numpy(), maximize=True)
-    return torch.from_numpy(cols.astype(np.int64)).to(x0.device)
+    n, d = a.shape
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    if d >= LOW_DIM:
+        cost = -(a.to(work) @ b.to(work).T)  # (n_data, n_noise)
+        _, cols, _ = lap.lapjv(cost.cpu().double().numpy(), extend_cost=False)
+    else:
+        cost = torch.cdist(a.to(work), b.to(work)).pow(2).cpu().double().numpy()
+        uniform = np.full(n, 1.0 / n)
+        plan = ot.emd(uniform, uniform, cost, numItermax=100_000_000)
+        cols = plan.argmax(axis=1)
+        if len(np.unique(cols)) != n:  # a degenerate vertex; never seen, but never return a non-permutation
+            _, cols = linear_sum_assignment(cost)
+    return torch.from_numpy(np.asarray(cols, dtype=np.int64)).to(x0.device)
 
 
 def sinkhorn_plan(x0: Tensor, x1: Tensor, reg: float, max_iter: int, tol: float) -> Tensor:
@@ -193,7 +226,7 @@ class Reflow(Coupling):
     independently would silently undo the reflow.
     """
 
-    def __call__(self, x0, x1, *, noise=None, generator=None):
+    def __call__(self, x0, x1, *, noise=None, generator=None, cond=None):
         if noise is None:
             raise ValueError(
                 "Reflow needs the noise each sample was generated from, and this batch carries "

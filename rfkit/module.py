@@ -2,7 +2,7 @@
 
 One training step, in the convention of DESIGN.md §1::
 
-    x1 = batch latents;  x0 ~ N(0, I);  (x0, x1) = coupling(x0, x1)
+    x1 = batch latents;  x0 ~ N(0, I);  (x0, x1) = coupling(x0, x1, cond=...)
     t ~ timesteps;  x_t = (1 - t) x0 + t x1;  u = x1 - x0
     loss = mean_i  w(t_i) * mean ||v(x_t, t, cond) - u||^2
 """
@@ -148,7 +148,7 @@ class RectifiedFlow(pl.LightningModule):
         n, world, mine = x1.shape[0], rank_and_world()[1], local_rows(x1.shape[0])
         where = generator.device if generator is not None else x1.device
         x0 = torch.randn((world * n, *x1.shape[1:]), generator=generator, device=where, dtype=x1.dtype)
-        x0, x1 = self.coupling(x0[mine].to(x1.device), x1, noise=batch.get("noise"), generator=generator)
+        x0, x1 = self.coupling(x0[mine].to(x1.device), x1, noise=batch.get("noise"), generator=generator, cond=cond)
         if t is None:
             sampler = self.timesteps.for_tokens(self.model.num_tokens(tuple(x1.shape[1:])))
             t = sampler(world * n, device=x1.device, generator=generator)[mine]
@@ -239,6 +239,10 @@ class RectifiedFlow(pl.LightningModule):
         levels = (torch.arange(n, device=self.device) % self.val_levels + 0.5) / self.val_levels
         per_sample, _t = self.velocity_loss(batch, t=levels.to(batch["latent"].dtype), generator=g)
         self.log("val/loss", per_sample.mean(), on_epoch=True, sync_dist=True, batch_size=n, prog_bar=True)
+        for k in range(min(self.val_levels, n)):
+            at_level = per_sample[k :: self.val_levels]
+            name = f"val/loss_t/{(k + 0.5) / self.val_levels:.3f}"
+            self.log(name, at_level.mean(), on_epoch=True, sync_dist=True, batch_size=at_level.numel())
 
     @torch.no_grad()
     def sample(

@@ -10,6 +10,9 @@
 2. Activations: one process per setting runs one forward + backward on a batch and reports the peak
    above what it held before (CUDA: ``max_memory_allocated``; CPU: peak resident set size, with
    glibc told to map every allocation over 64 KiB so freed memory leaves the process).
+
+Not counted: DDP's reducer buckets (one more copy of the gradients unless
+``gradient_as_bucket_view=True``) and FSDP2's transient all-gathered block during forward/backward.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -69,8 +73,7 @@ def state_worker(rank: int, args, kind: str, init: str, out: str) -> None:
     params = list(model.parameters())
     moments = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
     sizes = {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params), "adam": local_bytes(moments)}
-    with open(f"{out}/{kind}{rank}.json", "w") as f:
-        json.dump(sizes, f)
+    Path(f"{out}/{kind}{rank}.json").write_text(json.dumps(sizes))
     dist.destroy_process_group()
 
 
@@ -116,7 +119,8 @@ def main() -> None:
                 nprocs=args.ranks,
                 start_method="spawn",
             )
-        sizes = {k: [json.load(open(f"{out}/{k}{r}.json")) for r in range(args.ranks)] for k in ("ddp", "fsdp2")}
+        read = lambda kind, r: json.loads(Path(f"{out}/{kind}{r}.json").read_text())  # noqa: E731
+        sizes = {kind: [read(kind, r) for r in range(args.ranks)] for kind in ("ddp", "fsdp2")}
     print("\nper-rank state after one AdamW step (MB):")
     print(f"{'':8}{'params':>10}{'grads':>10}{'adam':>10}{'total':>10}")
     totals = {}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs rfkit into it, editable, with the test tools.
+# Creates .venv (if missing) and installs rfkit into it, editable, with the test tools and the
+# example plugin package of plugins/.
 # torch is installed first and pinned: an unpinned `torch` requirement on a machine without torch
 # pulls a multi-GB CUDA build. Set RFKIT_TORCH to choose another (e.g. RFKIT_TORCH="torch==2.9.1").
 set -euo pipefail
@@ -11,3 +12,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${RFKIT_TORCH:-torch==2.13.0}"
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
+# the out-of-tree example plugin package; it depends on rfkit only, so this installs no torch
+.venv/bin/python -m pip install -q -e plugins/

@@ -21,6 +21,8 @@ class VelocityModel(nn.Module, ABC):
     """
 
     latent_shape: tuple[int, ...]
+    cond_keys: tuple[str, ...] = ()
+    """The conditioning keys ``forward`` requires (empty for an unconditional model)."""
 
     @abstractmethod
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:

@@ -58,6 +58,7 @@ class DiT(VelocityModel):
             raise ValueError(f"input_size {input_size} must be divisible by patch_size {patch_size}")
         self.latent_shape = (in_channels, input_size, input_size)
         self.num_classes = num_classes
+        self.cond_keys = ("cls",) if num_classes > 0 else ()
         self.patches = Patches(in_channels, patch_size, width)
         self.t_embed = TimestepEmbedder(width)
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None

@@ -27,6 +27,7 @@ class MLP(VelocityModel):
         super().__init__()
         self.latent_shape = (dim,)
         self.num_classes = num_classes
+        self.cond_keys = ("cls",) if num_classes > 0 else ()
         self.inp = nn.Linear(dim + 1, width)
         hidden: list[nn.Module] = []
         for _ in range(depth - 1):

@@ -60,6 +60,7 @@ class MMDiT(VelocityModel):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} must be divisible by patch_size {patch_size}")
         self.latent_shape = (in_channels, input_size, input_size)
+        self.cond_keys = ("text", "pooled")
         self.patches = Patches(in_channels, patch_size, width)
         self.context_embed = nn.Linear(text_dim, width)
         self.t_embed = TimestepEmbedder(width)
@@ -68,7 +69,7 @@ class MMDiT(VelocityModel):
         self.final = FinalLayer(width, in_channels * patch_size**2)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        missing = {"text", "pooled"} - set(cond)
+        missing = set(self.cond_keys) - set(cond)
         if missing:
             raise ValueError(f"MMDiT needs text conditioning; the batch lacks {sorted(missing)}")
         tokens = self.patches(x)  # (B, N, D)

@@ -10,12 +10,16 @@ import torch
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by ``rfkit fit`` with ``weights_only=True``; ValueError if it is not one."""
+    """Load a checkpoint written by ``rfkit fit`` with ``weights_only=True``; ValueError if it is not one.
+
+    ``path`` is a file, or the folder of a sharded (FSDP2) checkpoint, assembled here into one.
+    """
     path = Path(path)
-    if not path.is_file():
+    sharded = path.is_dir() and (path / ".metadata").is_file()  # FSDP2 writes a folder, a file per rank
+    if not path.is_file() and not sharded:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = _assemble_sharded(path, map_location) if sharded else torch.load(path, map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise ValueError(
             f"{path} is not an rfkit checkpoint: it does not load with weights_only=True "
@@ -31,6 +35,18 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "not by `rfkit fit`. Build the same RectifiedFlow yourself and call load_state_dict(ckpt['state_dict'])."
         )
     return ckpt
+
+
+def _assemble_sharded(folder: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """The full checkpoint a sharded folder holds (one file per rank, plus ``meta.pt``), in memory."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "full.pt")  # no process group needed
+        shards = torch.load(Path(tmp) / "full.pt", map_location=map_location, weights_only=True)
+    return {**torch.load(folder / "meta.pt", map_location=map_location, weights_only=True), **shards}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):

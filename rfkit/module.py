@@ -27,8 +27,10 @@ from rfkit.metrics import BinnedMean
 from rfkit.models.base import VelocityModel
 from rfkit.parallel import parallelize
 from rfkit.paths import straight_path
+from rfkit.resume import NonFiniteLossError
 from rfkit.sampling import generate
 from rfkit.solvers import Euler, Solver
+from rfkit.strategies import sharding_mesh
 from rfkit.timesteps import TimestepSampler, Uniform
 from rfkit.weightings import Constant, LossWeighting
 
@@ -40,10 +42,6 @@ _COMPONENTS = ["model", "timesteps", "coupling", "weighting", "optimizer", "lr_s
 # configure_model below is idempotent and refuses sharding under EMA, so Lightning's generic warning
 # ("WeightAveraging doesn't support sharding model layers") says nothing for rfkit runs
 warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides the configure_model")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss was NaN or inf on some rank; raised on every rank at the same step."""
 
 
 class RectifiedFlow(pl.LightningModule):
@@ -168,7 +166,9 @@ class RectifiedFlow(pl.LightningModule):
         per_sample, t = self.velocity_loss(batch, generator=generator)
         loss = (self.weighting(t) * per_sample).mean()
         if any_rank(~torch.isfinite(loss.detach()), loss.device):  # one all-reduce: every rank decides alike
-            self._nonfinite_loss()
+            if not self.skip_nonfinite:
+                raise NonFiniteLossError.at(self._trainer)
+            self._skip_step = True
             return loss  # its backward keeps the ranks' collectives in step; the update is dropped
         # accumulate only; values are all-reduced and logged every log_every_n_steps (logging every
         # step costs about a millisecond, more than a small model's step)
@@ -180,19 +180,6 @@ class RectifiedFlow(pl.LightningModule):
         every = self.trainer.log_every_n_steps
         step = self.trainer.global_step
         return every > 0 and step > 0 and step % every == 0 and step != self._flushed_at
-
-    def _nonfinite_loss(self) -> None:
-        step = self.trainer.global_step if self._trainer is not None else None
-        if not self.skip_nonfinite:
-            from rfkit.resume import checkpoint_dirs, find_last_checkpoint
-
-            last = find_last_checkpoint(checkpoint_dirs(self.trainer)) if self._trainer is not None else None
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {step} (global_step; on at least one rank). "
-                f"Last good checkpoint: {last or 'none written yet'}. Resume from it with a lower "
-                "learning rate or more warm-up, or set model.skip_nonfinite=true to skip such steps."
-            )
-        self._skip_step = True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._skip_step:  # no gradient, no update: AdamW leaves moments and weights untouched
@@ -269,18 +256,7 @@ class RectifiedFlow(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        mesh = self.device_mesh
-        if mesh is not None:
-            from lightning.pytorch.callbacks import WeightAveraging
-
-            if any(isinstance(cb, WeightAveraging) for cb in self.trainer.callbacks):
-                raise ValueError(
-                    "EMAWeightAveraging keeps a full, unsharded copy of the model and Lightning does not "
-                    "support it with sharded (FSDP2) models: remove it from trainer.callbacks, or train "
-                    "with strategy: ddp"
-                )
-            mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
-        parallelize(self.model, mesh, self.activation_checkpointing, self.compile_blocks)
+        parallelize(self.model, sharding_mesh(self), self.activation_checkpointing, self.compile_blocks)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.model.parameters())

@@ -34,7 +34,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rfkit.distributed import rank_and_world
 
-__all__ = ["AtomicCheckpointIO", "Resume", "checkpoint_dirs", "checkpoint_step", "find_last_checkpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "NonFiniteLossError",
+    "Resume",
+    "checkpoint_dirs",
+    "checkpoint_step",
+    "find_last_checkpoint",
+]
 
 _META = "meta.pt"  # what Lightning's sharded (distributed) checkpoints keep beside the shards
 
@@ -84,6 +91,21 @@ def checkpoint_dirs(trainer: pl.Trainer) -> list[Path]:
 def saved_wandb_run_id(path: str | Path) -> str | None:
     """The W&B run id stored by :class:`Resume` in a checkpoint, if any."""
     return _load_meta(Path(path)).get("callbacks", {}).get("Resume", {}).get("wandb_run_id")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss was NaN or inf on some rank; raised on every rank at the same step."""
+
+    @classmethod
+    def at(cls, trainer: pl.Trainer | None) -> NonFiniteLossError:
+        """The error for the current step, naming the checkpoint to resume from."""
+        step = trainer.global_step if trainer is not None else None
+        last = find_last_checkpoint(checkpoint_dirs(trainer)) if trainer is not None else None
+        return cls(
+            f"non-finite training loss at step {step} (global_step; on at least one rank). "
+            f"Last good checkpoint: {last or 'none written yet'}. Resume from it with a lower learning "
+            "rate or more warm-up, or set model.skip_nonfinite=true to skip such steps."
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,12 +11,34 @@ import os
 import shutil
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import lightning.pytorch as pl
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-__all__ = ["FSDP2"]
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["FSDP2", "sharding_mesh"]
+
+
+def sharding_mesh(module: pl.LightningModule) -> DeviceMesh | None:
+    """The data-parallel mesh to shard ``module`` over, under ``ModelParallelStrategy``; else None.
+
+    Raises ValueError when the run also keeps an EMA: Lightning's ``WeightAveraging`` holds a full,
+    unsharded copy of the model and does not support sharded ones.
+    """
+    mesh = module.device_mesh
+    if mesh is None:
+        return None
+    if any(isinstance(cb, WeightAveraging) for cb in module.trainer.callbacks):
+        raise ValueError(
+            "EMAWeightAveraging keeps a full, unsharded copy of the model and Lightning does not support it "
+            "with sharded (FSDP2) models: remove it from trainer.callbacks, or train with strategy: ddp"
+        )
+    return mesh["data_parallel"] if mesh.mesh_dim_names else mesh
 
 
 def _remove(path: Path) -> None:

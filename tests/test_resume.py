@@ -19,8 +19,7 @@ import torch
 from scale_fixtures import child_env
 
 from rfkit.cli import main
-from rfkit.module import NonFiniteLossError
-from rfkit.resume import AtomicCheckpointIO, _rng_state, _set_rng_state, find_last_checkpoint
+from rfkit.resume import AtomicCheckpointIO, NonFiniteLossError, _rng_state, _set_rng_state, find_last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [

@@ -18,6 +18,7 @@ from scale_fixtures import OutputDtype, child_env
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from wandb_log import history
 
+import rfkit
 from rfkit.cli import main
 from rfkit.models import DiT
 from rfkit.parallel import parallelize
@@ -97,6 +98,8 @@ def test_fsdp2_matches_one_process_and_its_sharded_checkpoint_resumes(tmp_path):
     run("digits_fsdp.yaml", tmp_path / "fsdp", "--trainer.max_steps=6", *every2)
     assert_same_weights(weights(ckpts / "last.ckpt"), weights(reference / "last.ckpt"))
     assert torch.load(ckpts / "last.ckpt/meta.pt", weights_only=True)["global_step"] == 6
+    flow = rfkit.load_checkpoint(ckpts / "last.ckpt")  # a sharded folder loads like a file, for sampling
+    assert_same_weights(flow.state_dict(), weights(reference / "last.ckpt"), atol=1e-5)
     runs = sorted((tmp_path / "fsdp/wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
     # the gradient norm of sharded (DTensor) gradients is the full norm

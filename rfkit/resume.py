@@ -60,25 +60,34 @@ def _load_meta(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def checkpoint_step(path: str | Path) -> int | None:
-    """The ``global_step`` a checkpoint was written at, or None if it is incomplete or unreadable."""
+def checkpoint_step(path: str | Path, finite: bool = False) -> int | None:
+    """The ``global_step`` a checkpoint was written at, or None if it is incomplete or unreadable.
+
+    ``finite=True`` also returns None when a weight in a checkpoint file is NaN or inf (the
+    weights of a sharded folder are not read).
+    """
     try:
-        return int(_load_meta(Path(path))["global_step"])
+        ckpt = _load_meta(Path(path))
+        weights = ckpt.get("state_dict", {}).values() if finite else ()
+        if not all(torch.isfinite(w).all() for w in weights if torch.is_floating_point(w)):
+            return None
+        return int(ckpt["global_step"])
     except Exception:  # truncated, half-written, foreign: not a checkpoint to resume from
         return None
 
 
-def find_last_checkpoint(dirs: list[str | Path]) -> Path | None:
+def find_last_checkpoint(dirs: list[str | Path], finite: bool = False) -> Path | None:
     """The most recently written complete ``*.ckpt`` (file or sharded folder) in ``dirs``.
 
     Files still being written carry a ``.partial`` suffix (see :class:`AtomicCheckpointIO`) and
-    are never considered; a candidate that does not load is skipped with a warning.
+    are never considered; a candidate that does not load (or, with ``finite``, holds non-finite
+    weights) is skipped with a warning.
     """
     found = {p.resolve() for d in dirs if Path(d).is_dir() for p in Path(d).glob("*.ckpt")}
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-        if checkpoint_step(path) is not None:
+        if checkpoint_step(path, finite) is not None:
             return path
-        warnings.warn(f"skipping {path}: it is incomplete or not a checkpoint", stacklevel=2)
+        warnings.warn(f"skipping {path}: it is incomplete, not a checkpoint, or not finite", stacklevel=2)
     return None
 
 
@@ -100,7 +109,7 @@ class NonFiniteLossError(FloatingPointError):
     def at(cls, trainer: pl.Trainer | None) -> NonFiniteLossError:
         """The error for the current step, naming the checkpoint to resume from."""
         step = trainer.global_step if trainer is not None else None
-        last = find_last_checkpoint(checkpoint_dirs(trainer)) if trainer is not None else None
+        last = find_last_checkpoint(checkpoint_dirs(trainer), finite=True) if trainer is not None else None
         return cls(
             f"non-finite training loss at step {step} (global_step; on at least one rank). "
             f"Last good checkpoint: {last or 'none written yet'}. Resume from it with a lower learning "

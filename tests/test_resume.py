@@ -140,6 +140,12 @@ def test_atomic_write_keeps_the_previous_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match="sharded.ckpt"):
         assert find_last_checkpoint([tmp_path]) == path.resolve()
     assert find_last_checkpoint([tmp_path / "missing"]) is None
+    # after a NaN loss the last *good* checkpoint is wanted: one with NaN weights is complete, not good
+    nan = tmp_path / "nan.ckpt"
+    io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.tensor([1.0, float("nan")])}}, nan)
+    assert find_last_checkpoint([tmp_path]) == nan.resolve()
+    with pytest.warns(UserWarning, match="nan.ckpt"):
+        assert find_last_checkpoint([tmp_path], finite=True) == path.resolve()
 
 
 def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):

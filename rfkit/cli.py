@@ -1,4 +1,5 @@
-"""``rfkit``: the command line. A LightningCLI: ``rfkit fit|validate|test|predict --config FILE``.
+"""``rfkit``: the command line. A LightningCLI: ``rfkit fit|validate|test|predict --config FILE``; ``rfkit encode``
+turns images into latent shards (``rfkit encode --help``).
 
 Every component is named in YAML by ``class_path`` (a full dotted path) or by its short class name
 when the class is importable: rfkit's built-ins, and classes of any package that declares the
@@ -131,6 +132,11 @@ class RFKitCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``rfkit`` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["encode"]:  # not a LightningCLI subcommand: images -> latent shards
+        from rfkit.encode import main as encode
+
+        return encode(argv[1:])
     load_plugins()
     try:
         RFKitCLI(args=args)

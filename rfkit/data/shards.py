@@ -142,9 +142,21 @@ class LatentShards(pl.LightningDataModule):
         self._passes: list[int] | None = None  # from a checkpoint: resumed runs do not replay the same order
 
     def setup(self, stage: str | None = None) -> None:
-        # checked here, on every rank alike, so a missing shard stops the run before any step
-        self.train, self.info = resolve_shards(self.spec, self.manifest)
-        self.val = resolve_shards(self.val_spec, self.val_manifest) if self.val_spec is not None else None
+        # checked before any step; ranks agree on the outcome (a rank whose disk lacks a shard
+        # must not leave the others waiting in their first all-reduce)
+        error = None
+        try:
+            self.train, self.info = resolve_shards(self.spec, self.manifest)
+            self.val = resolve_shards(self.val_spec, self.val_manifest) if self.val_spec is not None else None
+        except (OSError, ValueError) as err:
+            error = err
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            flag = torch.tensor([float(error is not None)], device=trainer.strategy.root_device)
+            if float(trainer.strategy.reduce(flag, reduce_op="max")) > 0 and error is None:
+                raise RuntimeError("another rank could not open its shards (its error says why); stopping every rank")
+        if error is not None:
+            raise error
 
     def _loader(self, split: str, shards, info, batch_size: int, batches: int | None) -> DataLoader:
         rank, world = rank_and_world()
@@ -203,7 +215,8 @@ class LatentShards(pl.LightningDataModule):
             logger.log_metrics(metrics, step=trainer.global_step)
         start = 0
         for split, stream in splits:
-            bad = [s.name for s, f in zip(stream.shards, flags[start : start + len(stream.shards)].tolist(), strict=True) if f]
+            mine = flags[start : start + len(stream.shards)].tolist()
+            bad = [s.name for s, f in zip(stream.shards, mine, strict=True) if f]
             start += len(stream.shards)
             if len(bad) > self.max_skip_fraction * len(stream.shards):
                 raise RuntimeError(

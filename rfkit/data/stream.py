@@ -228,7 +228,8 @@ class ShardStream(IterableDataset):
                 raise OSError(f"it holds {read + rejected} samples but the manifest lists {shard.samples} (truncated?)")
         except Exception as err:  # any failure to read is the shard's fault, never the run's: skip it
             self.bad[i] = 1
-            warnings.warn(f"skipped unreadable shard {shard.url}: {type(err).__name__}: {err}", DataWarning, stacklevel=2)
+            why = f"{type(err).__name__}: {err}"
+            warnings.warn(f"skipped unreadable shard {shard.url}: {why}", DataWarning, stacklevel=2)
         finally:
             if rejected > WARN_PER_SHARD:
                 warnings.warn(f"{shard.name}: {rejected} samples rejected in all", DataWarning, stacklevel=2)

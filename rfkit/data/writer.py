@@ -57,7 +57,7 @@ class LatentShardWriter:
         extra = _plain(dict(manifest or {}))
         taken = sorted(set(extra) & set(RESERVED))
         if taken:
-            raise ValueError(f"manifest fields {taken} are computed by the writer; valid extra fields are anything else")
+            raise ValueError(f"manifest fields {taken} are computed by the writer; any other field name is free")
         extra = {"scaling_factor": 1.0, "shift_factor": 0.0, **extra}
         self.out_dir, self.samples_per_shard, self.extra = Path(out_dir), samples_per_shard, extra
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,8 @@ class LatentShardWriter:
 
     def _check_shapes(self, sample: Mapping[str, Any], number: int) -> None:
         if sample["latent"].ndim not in (1, 3):
-            raise ValueError(f"sample {number}: latent.npy has shape {sample['latent'].shape}; expected (C, H, W) or (D,)")
+            shape = sample["latent"].shape
+            raise ValueError(f"sample {number}: latent.npy has shape {shape}; expected (C, H, W) or (D,)")
         if "noise" in sample and sample["noise"].shape != sample["latent"].shape:
             raise ValueError(f"sample {number}: noise.npy has shape {sample['noise'].shape}, unlike latent.npy")
         for key in ("text", "pooled"):
@@ -132,7 +133,8 @@ class LatentShardWriter:
                 shape = list(sample[key].shape)
                 expected = self.shapes.setdefault(key, shape)
                 if shape != expected:
-                    raise ValueError(f"sample {number}: {key}.npy has shape {tuple(shape)}; earlier ones {tuple(expected)}")
+                    was = tuple(expected)
+                    raise ValueError(f"sample {number}: {key}.npy has shape {tuple(shape)}; earlier ones {was}")
 
     def _open(self) -> None:
         from webdataset import TarWriter

@@ -7,7 +7,8 @@ and workers, shuffled and bucketed by shape is :mod:`rfkit.data.stream`'s.
 Bad data, as real pipelines produce it:
 
 - a shard named but absent, a shard the manifest does not list, or fewer shards than readers
-  (ranks x workers): an error at start, on every rank alike;
+  (ranks x workers): an error at start; ranks compare notes first, so a shard missing from one
+  node's disk stops every rank instead of leaving the others waiting;
 - a truncated or corrupt shard: skipped with a warning naming it; ``data/skipped`` (unreadable
   shards so far, all ranks) is logged every ``log_every_n_steps``, and once more than
   ``max_skip_fraction`` of the training (or validation) shards were skipped the run stops with an
@@ -97,6 +98,8 @@ class LatentShards(pl.LightningDataModule):
     (``(latent - shift_factor) * scaling_factor``), and the keys the data set holds: ``cls`` (B,)
     int64, ``text`` (B, L, D), ``pooled`` (B, D), ``noise`` (B, C, H, W). Every batch holds one
     latent shape, so the module's resolution-dependent timestep shift sees that batch's tokens.
+    Checkpoints record how many epochs the training stream began, so a resumed run continues
+    with fresh orders instead of replaying the first ones.
 
     Args:
         shards: training shards: a directory, a brace pattern or URL, or a list

@@ -4,6 +4,7 @@ never reaching the model, never unpickled), truncated and corrupt shards (skippe
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -26,11 +27,16 @@ def test_missing_shards_manifest_and_too_few_shards_fail_at_start(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"1 of 6 shards are missing: .*shard-000003\.tar"):
         LatentShards(str(tmp_path)).setup("fit")
     with pytest.raises(FileNotFoundError, match=r"no manifest at .*dataset\.json"):
-        LatentShards(str(tmp_path / "elsewhere")).setup("fit")
+        LatentShards(str(tmp_path / "stray" / "shard-000099.tar")).setup("fit")
     (tmp_path / "stray").mkdir()
     (tmp_path / "stray" / "shard-000099.tar").write_bytes(b"")
     with pytest.raises(ValueError, match=r"shard-000099\.tar is not listed in"):
         LatentShards(str(tmp_path / "stray" / "shard-000099.tar"), manifest=str(tmp_path / "dataset.json")).setup()
+    incomplete = json.loads((tmp_path / "dataset.json").read_text())
+    del incomplete["shards"][1]["latent_shapes"]
+    (tmp_path / "stray" / "dataset.json").write_text(json.dumps(incomplete))
+    with pytest.raises(ValueError, match=r"lacks \['shards\[1\]\.latent_shapes'\]"):
+        LatentShards(str(tmp_path / "stray" / "shard-000099.tar")).setup()
     few = LatentShards(str(tmp_path / "shard-{000000..000001}.tar"), num_workers=3)
     few.setup("fit")
     with pytest.raises(ValueError, match=r"2 shards cannot feed 1 ranks x 3 workers = 3 readers"):

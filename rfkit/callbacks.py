@@ -72,7 +72,7 @@ class LossCurve(pl.Callback):
         curve = getattr(pl_module, "last_loss_by_t", None)
         if curve is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        edges = pl_module.train_loss_by_t.edges()
+        edges = pl_module.loss_meter.edges()
         mids = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
         path = Path(trainer.default_root_dir) / "loss_by_t.csv"
         new = not path.exists()

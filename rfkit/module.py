@@ -18,12 +18,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
-from torchmetrics import MeanMetric
 
 from rfkit import __version__
 from rfkit.couplings import Coupling, Independent
 from rfkit.distributed import any_rank, broadcast_from_zero, local_rows, rank_and_world, stream_seed
-from rfkit.metrics import BinnedMean
+from rfkit.metrics import LossMeter
 from rfkit.models.base import VelocityModel
 from rfkit.parallel import parallelize
 from rfkit.paths import straight_path
@@ -118,8 +117,7 @@ class RectifiedFlow(pl.LightningModule):
         self.noise_seed: int | None = None  # set at fit start (or from the checkpoint); see the class docstring
         self._configured = False
         self.run_config: dict[str, Any] | None = None  # the whole resolved config, set by the CLI
-        self.train_loss = MeanMetric()
-        self.train_loss_by_t = BinnedMean(loss_bins)
+        self.loss_meter = LossMeter(loss_bins)
         self.last_loss_by_t: Tensor | None = None  # the latest flushed per-t curve, for callbacks
         self._grad_norm: Tensor | None = None
         self._flushed_at = -1
@@ -172,8 +170,7 @@ class RectifiedFlow(pl.LightningModule):
             return loss  # its backward keeps the ranks' collectives in step; the update is dropped
         # accumulate only; values are all-reduced and logged every log_every_n_steps (logging every
         # step costs about a millisecond, more than a small model's step)
-        self.train_loss.update(loss.detach())
-        self.train_loss_by_t.update(t, per_sample)
+        self.loss_meter.update(loss, t, per_sample)
         return loss
 
     def _flush_step(self) -> bool:
@@ -198,9 +195,9 @@ class RectifiedFlow(pl.LightningModule):
         if not self._flush_step():
             return
         self._flushed_at = self.trainer.global_step
-        metrics = {"train/loss": self.train_loss.compute()}
-        self.last_loss_by_t = self.train_loss_by_t.compute().float()
-        edges = self.train_loss_by_t.edges()
+        mean_loss, self.last_loss_by_t = self.loss_meter.read(self._sum_over_ranks)
+        metrics = {"train/loss": mean_loss}
+        edges = self.loss_meter.edges()
         for i, value in enumerate(self.last_loss_by_t.tolist()):
             if value == value:  # skip empty bins (NaN)
                 metrics[f"train/loss_t/{edges[i]:.2f}-{edges[i + 1]:.2f}"] = value
@@ -210,12 +207,13 @@ class RectifiedFlow(pl.LightningModule):
             metrics["train/skipped_steps"] = self.skipped_steps
         for i, group in enumerate(self.trainer.optimizers[0].param_groups):
             metrics[f"train/lr{'' if i == 0 else i}"] = group["lr"]
-        self.train_loss.reset()
-        self.train_loss_by_t.reset()
         values = {k: float(v) for k, v in metrics.items()}
         for logger in self.loggers:
             logger.log_metrics(values, step=self.trainer.global_step)
         self.log("train/loss", values["train/loss"], prog_bar=True, logger=False)
+
+    def _sum_over_ranks(self, x: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(x, reduce_op="sum") if self.trainer.world_size > 1 else x
 
     # ------------------------------------------------------------------ validation
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rfkit.data import Digits
-from rfkit.metrics import BinnedMean, DigitsFeatures, Wasserstein2, digits_fid
+from rfkit.metrics import DigitsFeatures, LossMeter, Wasserstein2, digits_fid
 
 
 def test_w2_of_a_translation_is_its_length():
@@ -60,9 +60,17 @@ def test_digits_fid_separates_real_from_degraded():
     assert scores["real"] < 5 < scores["noisy"] < scores["noise"]
 
 
-def test_binned_mean():
-    m = BinnedMean(4)
-    m.update(torch.tensor([0.1, 0.2, 0.6, 0.99]), torch.tensor([1.0, 3.0, 5.0, 7.0]))
-    out = m.compute()
-    assert out[0] == 2.0 and torch.isnan(out[1]) and out[2] == 5.0 and out[3] == 7.0
+def test_loss_meter():
+    m = LossMeter(4)
+    with pytest.raises(ValueError, match="before any update"):
+        m.read()
+    m.update(torch.tensor(2.0), torch.tensor([0.1, 0.2, 0.6]), torch.tensor([1.0, 3.0, 5.0]))
+    m.update(torch.tensor(4.0), torch.tensor([0.99]), torch.tensor([7.0]))
+    loss, bins = m.read()
+    assert loss == 3.0  # mean of the step losses
+    assert bins[0] == 2.0 and torch.isnan(bins[1]) and bins[2] == 5.0 and bins[3] == 7.0
     assert m.edges() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    # a read starts a new window; the reduce function sees the raw sums (what ranks all-reduce)
+    m.update(torch.tensor(1.0), torch.tensor([0.3]), torch.tensor([1.0]))
+    loss, bins = m.read(lambda state: state * 2)  # two identical ranks
+    assert loss == 1.0 and bins[1] == 1.0

@@ -4,7 +4,8 @@
 
 Two workloads: the 2-D MLP of configs/toy2d.yaml (batch 256) and the small DiT of configs/digits.yaml
 (batch 128). rfkit runs through its real CLI entry point in-process (W&B offline logger, progress
-bar, metrics every 50 steps; no validation or checkpoints, which the loop does not do either); the
+bar redrawn every 10 steps as in the configs, metrics every 50 steps; no validation, EMA or
+checkpoints, which the loop does not do either); the
 loop is what a user writes by hand: fetch batch, draw noise and t, interpolate, MSE, step. Runs
 alternate (rfkit, loop, rfkit, loop, ...) so machine load hits both alike; steps/s is measured
 between the first and last timed step, excluding start-up and the first `warmup` steps.
@@ -75,6 +76,8 @@ def run_rfkit(spec: dict, steps: int, warmup: int) -> float:
                 f"--trainer.max_steps={steps}",
                 "--trainer.limit_val_batches=0",
                 "--trainer.callbacks=[]",
+                "--trainer.callbacks+=TQDMProgressBar",
+                "--trainer.callbacks.refresh_rate=10",
                 "--trainer.callbacks+=__main__.StepClock",
                 f"--trainer.callbacks.warmup={warmup}",
                 "--trainer.enable_checkpointing=false",

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from rfkit.checkpoint import read_checkpoint
 from rfkit.diagnostics import flow_stats
 from rfkit.images import sample_image
 from rfkit.metrics import Wasserstein2
@@ -131,3 +132,29 @@ class FlowDiagnostics(pl.Callback):
                 w2.update(pl_module.sample(x0, cond, num_steps=steps, solver=Euler()), real=False)
                 metrics[f"val/w2@{steps}"] = float(w2.compute())
         pl_module.log_dict(metrics, on_epoch=True, batch_size=n, sync_dist=True)
+
+
+class InitFromCheckpoint(pl.Callback):
+    """Starts a new run from another run's model weights, e.g. a k-rectified flow from its teacher.
+
+    The weights are the checkpoint's ``state_dict``: its EMA average when the run had EMA. Only a
+    fresh run is initialised; a resumed run (``ckpt_path`` set, or a step > 0) keeps its own weights.
+    An EMA callback of this run starts its average from these weights: ``AveragedModel`` copies
+    the live weights at its first update.
+
+    Args:
+        path: checkpoint written by ``rfkit fit``; the architectures must match.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path is not None or trainer.global_step > 0:
+            return
+        state = read_checkpoint(self.path, map_location="cpu")["state_dict"]
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        try:
+            pl_module.model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise ValueError(f"{self.path} does not fit this run's model: {str(err).splitlines()[0]}") from err

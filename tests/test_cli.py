@@ -46,8 +46,15 @@ TINY["digits_ddp.yaml"] = TINY["digits_fsdp.yaml"] = [
     "--data.init_args.batches_per_epoch=6",
     "--model.sample_steps=2",
 ]
-DATA = {"digits_text.yaml": "digits_text_shards"}
-"""Configs that train on generated data: the fixture that makes it; ``{data}`` in TINY is its directory."""
+TINY["toy2d_reflow.yaml"] = [*TINY["toy2d.yaml"][:1], "--data.init_args.batch_size=64", "--model.sample_steps=2"]
+TINY["digits_reflow.yaml"] = [*TINY["digits.yaml"][:2], "--data.init_args.batch_size=32", "--model.sample_steps=2"]
+DATA = {
+    "digits_text.yaml": "digits_text_shards",
+    "toy2d_reflow.yaml": "reflow_pairs",
+    "digits_reflow.yaml": "reflow_pairs",
+}
+"""Configs that train on generated data: the fixture that makes it. The test runs in that directory
+(the configs' relative paths resolve there), and ``{data}`` in TINY is its path."""
 STEPS = ["--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2"]
 
 
@@ -69,6 +76,21 @@ def digits_text_shards(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def reflow_pairs(tmp_path_factory) -> Path:
+    """What the reflow configs' comments do, tiny: teachers at runs/*/checkpoints/last.ckpt, pairs at data/*_reflow."""
+    root = tmp_path_factory.mktemp("reflow")
+    for config, teacher, out in (
+        ("toy2d.yaml", "toy2d_1rf", "toy2d_reflow"),
+        ("digits.yaml", "digits", "digits_reflow"),
+    ):
+        fit(config, root / "runs" / teacher)
+        ckpt = root / "runs" / teacher / "checkpoints" / "last.ckpt"
+        reflow = ["reflow", f"--ckpt={ckpt}", f"--out={root / 'data' / out}", "--num_pairs=200", "--num_val_pairs=40"]
+        main([*reflow, "--num_steps=2", "--samples_per_shard=50"])
+    return root
+
+
 def fit(config: str, run_dir: Path, *extra: str, data: Path | None = None) -> None:
     args = ["fit", f"--config={ROOT / 'configs' / config}", f"--trainer.default_root_dir={run_dir}"]
     args += [*STEPS, *(arg.format(data=data) for arg in TINY[config]), *extra]
@@ -86,8 +108,11 @@ def test_every_config_has_tiny_overrides():
 
 
 @pytest.mark.parametrize("config", [c.name for c in CONFIGS])
-def test_fit_end_to_end(config, tmp_path, request):
-    fit(config, tmp_path, data=request.getfixturevalue(DATA[config]) if config in DATA else None)
+def test_fit_end_to_end(config, tmp_path, request, monkeypatch):
+    data = request.getfixturevalue(DATA[config]) if config in DATA else None
+    if data is not None:
+        monkeypatch.chdir(data)
+    fit(config, tmp_path, data=data)
     assert (tmp_path / "config.yaml").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # a file, or a folder of shards (FSDP2)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]

@@ -15,15 +15,17 @@ from rfkit.sampling import guided_velocity
 from rfkit.solvers import Solver
 
 
-def load_condition(labels: list[int] | None, cond_file: Path | None, n: int) -> dict[str, torch.Tensor]:
-    """Conditioning for ``n`` samples: class labels (cycled to n), or arrays from an ``.npz`` file.
-
-    The file holds any of ``cls`` (N,), ``text`` (N, L, D) / (L, D), ``pooled`` (N, D) / (D,);
-    a single row is repeated for all samples, N rows are cycled to n.
+def load_condition(
+    labels: list[int] | None, cond_file: Path | None, n: int, offset: int = 0
+) -> dict[str, torch.Tensor]:
+    """Conditioning for samples ``offset .. offset + n - 1``: sample i gets row ``i mod N`` of the
+    class labels or of the arrays in an ``.npz`` file (``cls`` (N,), ``text`` (N, L, D) or (L, D),
+    ``pooled`` (N, D) or (D,); a single text / pooled row serves every sample).
     """
+    rows = torch.arange(offset, offset + n)
     cond: dict[str, torch.Tensor] = {}
     if labels:
-        cond["cls"] = torch.tensor(labels, dtype=torch.long).repeat((n + len(labels) - 1) // len(labels))[:n]
+        cond["cls"] = torch.tensor(labels, dtype=torch.long)[rows % len(labels)]
     if cond_file is not None:
         with np.load(cond_file, allow_pickle=False) as arrays:
             for key in ("cls", "text", "pooled"):
@@ -32,8 +34,7 @@ def load_condition(labels: list[int] | None, cond_file: Path | None, n: int) -> 
                 value = torch.from_numpy(arrays[key])
                 if key != "cls" and value.ndim == (2 if key == "text" else 1):
                     value = value[None]  # one condition for every sample
-                reps = (n + len(value) - 1) // len(value)
-                cond[key] = value.repeat(reps, *([1] * (value.ndim - 1)))[:n]
+                cond[key] = value[rows % len(value)]
     return cond
 
 

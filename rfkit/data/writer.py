@@ -15,10 +15,11 @@ writer never overwrites a finished shard.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,69 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def write_manifest(
+    out_dir: Path, extra: Mapping[str, Any], keys, shapes: Mapping[str, Any], entries: list[dict[str, Any]]
+) -> None:
+    """Writes ``dataset.json`` atomically: the computed fields from the shard ``entries``, then ``extra``.
+
+    Args:
+        out_dir: the data set's directory.
+        extra: scaling, shift and provenance fields.
+        keys: the sample keys every shard holds.
+        shapes: fixed shapes of ``text`` / ``pooled`` (latent shapes come from the entries).
+        entries: one ``{"name", "samples", "latent_shapes"}`` per finished shard.
+    """
+    shards = sorted(entries, key=lambda e: e["name"])
+    latent = sorted({tuple(int(x) for x in s.split("x")) for e in shards for s in e["latent_shapes"]})
+    data = {
+        "format": FORMAT,
+        "version": VERSION,
+        **extra,
+        "keys": sorted(keys),
+        "shapes": {"latent": [list(s) for s in latent], **{k: v for k, v in shapes.items() if k != "latent"}},
+        "num_samples": sum(e["samples"] for e in shards),
+        "shards": shards,
+    }
+    tmp = Path(out_dir) / f"{MANIFEST}.partial"
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, Path(out_dir) / MANIFEST)
+
+
+def merge_parts(out_dir: str | Path, parts: Iterable[str | Path]) -> dict[str, Any]:
+    """Moves the shards of part data sets (written by one writer per rank, with disjoint ``numbers``)
+    into ``out_dir`` and writes one manifest for them all.
+
+    Idempotent, so a merge that died half-way is finished by running it again: a shard already in
+    place is kept. The parts must share their manifest's extra fields and keys.
+
+    Returns:
+        The combined manifest.
+    """
+    out_dir = Path(out_dir)
+    entries: dict[str, dict[str, Any]] = {}
+    extra, keys, shapes = None, None, {}
+    for part in parts:
+        meta = json.loads((Path(part) / MANIFEST).read_text())
+        mine = {k: v for k, v in meta.items() if k not in RESERVED}
+        if extra is None:
+            extra, keys = mine, meta["keys"]
+        elif mine != extra or meta["keys"] != keys:
+            raise ValueError(f"{part} was written with other settings than the other parts; they cannot be merged")
+        shapes.update(meta["shapes"])
+        for entry in meta["shards"]:
+            name = entry["name"]
+            if name in entries:
+                raise ValueError(f"{name} is in two parts; each part must write its own shard numbers")
+            source, target = Path(part) / name, out_dir / name
+            if source.exists():
+                os.replace(source, target)
+            elif not target.exists():
+                raise FileNotFoundError(f"{source} is gone and {target} does not exist")
+            entries[name] = entry
+    write_manifest(out_dir, extra or {}, keys or (), shapes, list(entries.values()))
+    return json.loads((out_dir / MANIFEST).read_text())
+
+
 class LatentShardWriter:
     """A context manager that writes samples into shards of ``samples_per_shard`` and keeps ``dataset.json``.
 
@@ -49,9 +113,19 @@ class LatentShardWriter:
             and 0: model latent = (latent - shift) * scaling), and any free-form provenance (VAE,
             text encoder, teacher checkpoint, ...). Resuming into a directory whose manifest says
             otherwise is refused, so shards of two different encodings never mix.
+        numbers: the numbers of the shards this writer writes, in order (default 0, 1, 2, ...).
+            Several writers, one per rank, each write every world-th shard of one data set into
+            folders of their own; :func:`merge_parts` then gathers them. Sample keys are
+            ``number * samples_per_shard + position``, unique across the data set.
     """
 
-    def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000, manifest: Mapping | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        samples_per_shard: int = 1000,
+        manifest: Mapping | None = None,
+        numbers: Iterable[int] | None = None,
+    ) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         extra = _plain(dict(manifest or {}))
@@ -65,7 +139,12 @@ class LatentShardWriter:
         self.keys: tuple[str, ...] | None = None
         self.shapes: dict[str, Any] = {}
         self._resume_from(self.out_dir / MANIFEST)
-        self.index, self._tar, self._file, self._count, self._latent_shapes = 0, None, None, 0, Counter()
+        self._numbers = iter(numbers) if numbers is not None else itertools.count()
+        self.index, self._tar, self._file, self._count, self._latent_shapes = self._next(), None, None, 0, Counter()
+
+    def _next(self) -> int | None:
+        """The number of the next shard, None once the given numbers are used up."""
+        return next(self._numbers, None)
 
     def _resume_from(self, path: Path) -> None:
         if not path.exists():
@@ -95,12 +174,14 @@ class LatentShardWriter:
             raise RuntimeError(f"{shard_name(self.index)} is being written; only a finished shard can be skipped")
         if not self.is_complete(self.index):
             raise RuntimeError(f"{shard_name(self.index)} is not finished in {self.out_dir}; write it instead")
-        self.index += 1
+        self.index = self._next()
 
     # ------------------------------------------------------------------ writing
 
     def write(self, sample: Mapping[str, np.ndarray | int]) -> None:
         """Appends one sample: ``latent`` (C, H, W) and any of ``cls``, ``text``, ``pooled``, ``noise``."""
+        if self.index is None:
+            raise ValueError("every shard number given to this writer is used up")
         number = self.index * self.samples_per_shard + self._count
         keys = tuple(sorted(sample))
         if "latent" not in keys or not set(keys) <= set(KEYS):
@@ -154,7 +235,7 @@ class LatentShardWriter:
         os.replace(self.out_dir / f"{name}.partial", self.out_dir / name)
         self.finished[name] = {"name": name, "samples": self._count, "latent_shapes": dict(self._latent_shapes)}
         self._write_manifest()
-        self.index, self._tar, self._file, self._count, self._latent_shapes = self.index + 1, None, None, 0, Counter()
+        self.index, self._tar, self._file, self._count, self._latent_shapes = self._next(), None, None, 0, Counter()
 
     def _abort(self) -> None:
         if self._tar is not None:
@@ -164,20 +245,7 @@ class LatentShardWriter:
             self._tar, self._count = None, 0
 
     def _write_manifest(self) -> None:
-        shards = [self.finished[k] for k in sorted(self.finished)]
-        latent = sorted({tuple(int(x) for x in s.split("x")) for e in shards for s in e["latent_shapes"]})
-        data = {
-            "format": FORMAT,
-            "version": VERSION,
-            **self.extra,
-            "keys": list(self.keys or ()),
-            "shapes": {"latent": [list(s) for s in latent], **self.shapes},
-            "num_samples": sum(e["samples"] for e in shards),
-            "shards": shards,
-        }
-        tmp = self.out_dir / f"{MANIFEST}.partial"
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.out_dir / MANIFEST)
+        write_manifest(self.out_dir, self.extra, self.keys or (), self.shapes, list(self.finished.values()))
 
     def close(self) -> None:
         """Finishes the last, possibly short, shard."""

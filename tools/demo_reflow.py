@@ -51,8 +51,9 @@ def toy(work: Path, target: str, steps: int, pairs: int) -> list[dict]:
     every = [f"--trainer.max_steps={steps}", "--trainer.val_check_interval=1000000"]
     config, reflow_config = str(ROOT / "configs/toy2d.yaml"), str(ROOT / "configs/toy2d_reflow.yaml")
     data = f"--data.init_args.target={target}"
-    rfkit_cmd("fit", f"--config={config}", "--model.coupling=Independent", data, *every, cwd=work)
-    rfkit_cmd("fit", f"--config={config}", "--trainer.default_root_dir=runs/toy2d_1rf", data, *every, cwd=work)
+    rfkit_cmd("fit", f"--config={config}", "--model.coupling=Independent", "--trainer.default_root_dir=runs/toy2d_1rf",
+              data, *every, cwd=work)  # fmt: skip
+    rfkit_cmd("fit", f"--config={config}", data, *every, cwd=work)  # minibatch OT, into runs/toy2d
     reflow = ["reflow", "--ckpt=runs/toy2d_1rf/checkpoints/last.ckpt", "--out=data/toy2d_reflow", "--num_steps=100"]
     rfkit_cmd(*reflow, f"--num_pairs={pairs}", "--num_val_pairs=2000", "--samples_per_shard=10000", cwd=work)
     rfkit_cmd("fit", f"--config={reflow_config}", *every, cwd=work)

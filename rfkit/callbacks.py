@@ -23,6 +23,16 @@ from rfkit.sampling import guided_velocity
 from rfkit.solvers import Euler
 
 
+def fixed_draw(batch: dict, num_samples: int, seed: int, device) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """A validation batch's data, the condition of its first ``n`` rows, and ``n`` draws of noise
+    seeded by ``seed`` (the same at every validation), ``n = min(num_samples, batch size)``."""
+    x1 = batch["latent"]
+    n = min(num_samples, x1.shape[0])
+    cond = {k: batch[k][:n] for k in COND_KEYS if k in batch}
+    g = torch.Generator(device=device).manual_seed(seed)
+    return x1, cond, torch.randn((n, *x1.shape[1:]), generator=g, device=device, dtype=x1.dtype)
+
+
 class SampleGrid(pl.Callback):
     """At each validation, samples from fixed noise and saves ``samples/step_XXXXXXX.png`` + W&B image.
 
@@ -42,14 +52,10 @@ class SampleGrid(pl.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
-        x1 = batch["latent"]
-        n = min(self.num_samples, x1.shape[0])
-        cond = {k: batch[k][:n] for k in COND_KEYS if k in batch}
+        x1, cond, x0 = fixed_draw(batch, self.num_samples, self.seed, pl_module.device)
         if "cls" in cond:
             order = torch.argsort(cond["cls"], stable=True)
             cond = {k: v[order] for k, v in cond.items()}
-        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        x0 = torch.randn((n, *x1.shape[1:]), generator=g, device=pl_module.device, dtype=x1.dtype)
         samples = pl_module.sample(x0, cond)  # every rank runs it: sharded models need all ranks
         if not trainer.is_global_zero:
             return
@@ -117,11 +123,8 @@ class FlowDiagnostics(pl.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
-        x1 = batch["latent"]
-        n = min(self.num_samples, x1.shape[0])
-        cond = {k: batch[k][:n] for k in COND_KEYS if k in batch}
-        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        x0 = torch.randn((n, *x1.shape[1:]), generator=g, device=pl_module.device, dtype=x1.dtype)
+        x1, cond, x0 = fixed_draw(batch, self.num_samples, self.seed, pl_module.device)
+        n = x0.shape[0]
         velocity = guided_velocity(pl_module.model, cond, pl_module.cfg_scale)
         stats = flow_stats(velocity, x0, self.num_steps)
         metrics = {"val/straightness": stats.straightness, "val/transport_cost": stats.transport_cost}

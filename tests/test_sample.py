@@ -111,3 +111,43 @@ def test_sample_refuses_a_foreign_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint at"):
         main(["sample", f"--ckpt={tmp_path / 'nope.ckpt'}", f"--out={tmp_path / 'o'}"])
     assert not (tmp_path / "o" / "samples.npy").exists()
+
+
+def test_sample_decodes_with_the_vae_the_data_names(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from rfkit.data import LatentShardWriter
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    manifest = {"scaling_factor": 0.5, "shift_factor": 0.1, "vae": {"path": str(tmp_path / "vae")}}
+    for split, n in (("train", 64), ("val", 16)):
+        with LatentShardWriter(tmp_path / split, 32, manifest) as writer:
+            for _ in range(n):
+                writer.write({"latent": np.random.default_rng(0).standard_normal((4, 8, 8)).astype(np.float32)})
+    run = tmp_path / "run"
+    data = ["--data=rfkit.data.LatentShards", f"--data.shards={tmp_path / 'train'}", "--data.num_workers=0"]
+    data += [f"--data.val_shards={tmp_path / 'val'}", "--data.batch_size=16"]
+    dit = ["--model.model.init_args.in_channels=4", "--model.model.init_args.num_classes=0"]
+    dit += ["--model.model.init_args.width=32", "--model.model.init_args.depth=1", "--model.cfg_scale=1.0"]
+    quiet = ["--trainer.limit_val_batches=0", "--trainer.callbacks=[]", "--trainer.callbacks+=ModelCheckpoint"]
+    quiet += ["--trainer.callbacks.save_last=true", "--trainer.max_steps=2"]
+    main(["fit", f"--config={ROOT / 'configs/digits.yaml'}", f"--trainer.default_root_dir={run}", *data, *dit, *quiet])
+    main(["sample", f"--ckpt={run / 'checkpoints/last.ckpt'}", f"--out={tmp_path / 's'}", "--num_samples=4",
+          "--num_steps=2", "--diagnostics_steps=0"])  # fmt: skip
+    stats = json.loads((tmp_path / "s" / "stats.json").read_text())
+    assert stats["decoded_by_vae"] is True
+    assert np.load(tmp_path / "s" / "samples.npy").shape == (4, 4, 8, 8)  # raw latents are kept
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "s" / "samples.png")
+    # 2x2 decoded 16x16 images (this VAE upsamples by 2), enlarged 4x for display, 1 px gaps
+    assert grid.size == (2 * 64 + 3, 2 * 64 + 3)

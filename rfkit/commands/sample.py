@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,44 @@ def load_condition(
     return cond
 
 
+def vae_decoder(run_config: dict | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Model latents -> images in [-1, 1], when the run trained on shards whose manifest names a VAE.
+
+    The manifest (``dataset.json``) holds the VAE's local path and the scaling the loader applied,
+    ``z = (latent - shift) * scale``; decoding undoes it: ``vae.decode(z / scale + shift)``. None
+    when there is no VAE to use (pixel data, a missing path, diffusers not installed: with a warning).
+    """
+    from rfkit.data.shards import resolve_shards
+
+    data = ((run_config or {}).get("config") or {}).get("data") or {}
+    args = data.get("init_args") or {}
+    if not args.get("shards"):
+        return None
+    try:
+        _, info = resolve_shards(args["shards"], args.get("manifest"))
+    except (OSError, ValueError):
+        return None
+    vae = info.raw.get("vae")
+    if not vae:
+        return None
+    try:
+        from diffusers import AutoencoderKL
+
+        model = AutoencoderKL.from_pretrained(vae["path"], local_files_only=True).eval()
+    except (ImportError, OSError) as err:
+        warnings.warn(
+            f"the data's VAE ({vae.get('path')}) cannot be loaded ({err}); saving raw latents only", stacklevel=2
+        )
+        return None
+    scale, shift = info.scaling_factor, info.shift_factor
+
+    @torch.no_grad()
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return model.decode(z.float().cpu() / scale + shift).sample.clamp(-1, 1)
+
+    return decode
+
+
 def sample(
     ckpt: Path,
     out: Path,
@@ -54,7 +94,8 @@ def sample(
 ) -> dict:
     """Sample from an rfkit checkpoint (EMA weights when the run had EMA).
 
-    Writes to ``out``: ``samples.png`` (an image grid, or a scatter plot for 2-D data),
+    Writes to ``out``: ``samples.png`` (an image grid, decoded by the VAE when the training data's
+    manifest names one, or a scatter plot for 2-D data),
     ``samples.npy`` (the raw latents, float32), ``noise.npy`` (the starting noise), and
     ``stats.json`` (settings, NFE, and the straightness and transport cost of the flow from the
     same noise, measured with ``diagnostics_steps`` Euler steps; 0 skips them).
@@ -93,9 +134,12 @@ def sample(
     x1 = flow.sample(x0, cond, **settings)
     np.save(out / "samples.npy", x1.float().cpu().numpy())
     np.save(out / "noise.npy", x0.float().cpu().numpy())
-    sample_image(x1, upscale=4 if x1.ndim == 4 and x1.shape[-1] <= 16 else 1).save(out / "samples.png")
+    decode = vae_decoder(flow.run_config)
+    shown = decode(x1) if decode is not None else x1
+    sample_image(shown, upscale=4 if shown.ndim == 4 and shown.shape[-1] <= 16 else 1).save(out / "samples.png")
     stats = {
         "checkpoint": str(ckpt),
+        "decoded_by_vae": decode is not None,
         "num_samples": num_samples,
         "seed": seed,
         **{k: (repr(v) if k == "solver" else v) for k, v in settings.items()},

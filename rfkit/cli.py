@@ -30,6 +30,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -140,6 +141,15 @@ class RFKitCLI(LightningCLI):
                 dirs.append(Path(callback.init_args.dirpath))
         if self.subcommand == "fit" and config.resume.auto and config.ckpt_path is None:
             self._resume_from(config, dirs)
+        # Lightning's default bar redraws every step, ~0.2 ms: as much as a small model's step on a CPU
+        callbacks = _entries(config.trainer.callbacks)
+        if config.trainer.enable_progress_bar is not False and not any(
+            "ProgressBar" in c.class_path for c in callbacks
+        ):
+            bar = Namespace(
+                class_path="lightning.pytorch.callbacks.TQDMProgressBar", init_args=Namespace(refresh_rate=10)
+            )
+            config.trainer.callbacks = [*callbacks, bar]
 
     def _resume_from(self, config, dirs: list[Path]) -> None:
         """Point ``ckpt_path`` at the last complete checkpoint, and the W&B logger at the run it logged to."""

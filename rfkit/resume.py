@@ -177,7 +177,8 @@ class Resume(pl.Callback):
       step (or validation batch) on every rank; this callback then writes ``last.ckpt`` and the
       process exits with 0. Stopped mid-validation, the EMA average is first swapped back out.
     - When training ends at a step no checkpoint was written at (``max_steps`` is not a multiple
-      of ``every_n_train_steps``), it writes ``last.ckpt``, so the last steps are not lost.
+      of ``every_n_train_steps``), it writes ``last.ckpt``, so the last steps are not lost (unless a
+      ``ModelCheckpoint(save_last=True)`` that has saved nothing yet is about to write it).
     - Lightning's ``EMAWeightAveraging`` copies the average into the model when training ends,
       before a final ``last.ckpt`` is written; that file would then resume from the average. The
       trained weights are kept at the last epoch end and stored as ``current_model_state``.
@@ -233,7 +234,13 @@ class Resume(pl.Callback):
             self._save_last(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._saved_step != trainer.global_step:
+        # a ModelCheckpoint(save_last=True) that has saved nothing yet writes last.ckpt itself right
+        # after this hook (Lightning >= 2.6); writing it here too would make it version the file (last-v1.ckpt)
+        writes_last = any(
+            getattr(cb, "save_last", False) and not getattr(cb, "_last_checkpoint_saved", True)
+            for cb in trainer.checkpoint_callbacks
+        )
+        if self._saved_step != trainer.global_step and not writes_last:
             self._save_last(trainer)
 
     def _save_last(self, trainer: pl.Trainer) -> None:

@@ -113,7 +113,9 @@ def test_fit_end_to_end(config, tmp_path, request, monkeypatch):
     if data is not None:
         monkeypatch.chdir(data)
     fit(config, tmp_path, data=data)
-    assert (tmp_path / "config.yaml").is_file()
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    bars = [c for c in saved["trainer"]["callbacks"] if c["class_path"].endswith("ProgressBar")]
+    assert [b["init_args"]["refresh_rate"] for b in bars] == [10]  # rfkit's default: a bar that redraws rarely
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # a file, or a folder of shards (FSDP2)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     curve = (tmp_path / "loss_by_t.csv").read_text().splitlines()

@@ -158,3 +158,11 @@ def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
     _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     again = torch.rand(3), np.random.rand(3), random.random()
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_a_run_shorter_than_the_checkpoint_interval_leaves_one_last_checkpoint(tmp_path):
+    # ModelCheckpoint(save_last=True) writes last.ckpt when training ends if it saved nothing before;
+    # Resume must not write it first, or Lightning versions the file to last-v1.ckpt
+    fit(tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=0")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 1

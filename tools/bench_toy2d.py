@@ -33,6 +33,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import matplotlib
+import matplotlib.ticker
 import torch
 from scipy.stats import t as student_t
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
@@ -223,7 +224,7 @@ def report(results: dict, floor: dict, steps: int, seeds: int, minutes: float) -
             ratios.append(f"| {target} | {coupling} | {statistics.median(pair):.2f} ({each}) |")
     floors = ", ".join(f"{t} {v:.3f}" for t, v in floor.items())
     lines += ["", f"W2 between two independent draws of {N_EVAL} data points (the floor): {floors}.", ""]
-    lines += paired(results) + ["", *ratios]
+    lines += [*paired(results), "", *ratios]
     return "\n".join(lines)
 
 
@@ -258,17 +259,23 @@ def interval(values: list[float], level: float = 0.9) -> tuple[float, float, flo
 
 
 def plot(results: dict, floor: dict, path: Path) -> None:
+    """W2 against Euler steps; colour = coupling, solid = rfkit, dashed = torchcfm; bars = std over seeds."""
     fig, axes = plt.subplots(1, len(TARGETS), figsize=(5 * len(TARGETS), 3.8))
     for ax, target in zip(axes, TARGETS, strict=True):
-        for (t, coupling, fw), rows in results.items():
+        for key in sorted(results, key=order):
+            t, coupling, fw = key
             if t == target:
-                ys = [[r[f"w2@{k}"] for r in rows] for k in STEPS]
+                ys = [[r[f"w2@{k}"] for r in results[key]] for k in STEPS]
                 err = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
                 ax.errorbar(STEPS, [statistics.mean(y) for y in ys], yerr=err, ls="-" if fw == "rfkit" else "--",
-                            marker="o", ms=3, capsize=2, label=f"{fw}, {coupling}")  # fmt: skip
+                            color=f"C{COUPLINGS.index(coupling)}", marker="o" if fw == "rfkit" else "s", ms=3,
+                            capsize=2, label=f"{fw}, {coupling}")  # fmt: skip
         ax.axhline(floor[target], color="grey", lw=0.8, ls=":", label="data vs data")
-        ax.set(xscale="log", yscale="log", xlabel="Euler steps", ylabel="W2", title=f"N(0, I) -> {target}")
+        ax.set(xscale="log", yscale="log", xlabel="Euler steps", ylabel="W2 (log scale)", title=f"N(0, I) -> {target}")
         ax.set_xticks(STEPS, [str(k) for k in STEPS])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yticks([0.1, 0.2, 0.5, 1, 2, 5])
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

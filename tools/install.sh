@@ -12,5 +12,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${RFKIT_TORCH:-torch==2.13.0}"
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
+# torchcfm, the baseline of tools/bench_toy2d.py and bench_ot.py; --no-deps: its core needs only torch, numpy
+# and pot, and its full dependency list pulls torchvision, which replaces the pinned torch
+.venv/bin/pip install --no-deps torchcfm==1.0.7
 # the out-of-tree example plugin package; it depends on rfkit only, so this installs no torch
 .venv/bin/python -m pip install -q -e plugins/

@@ -1,6 +1,6 @@
 """The seed's claim, measured: OT couplings and reflow straighten flows, so few Euler steps suffice.
 
-    python tools/demo_reflow.py            # ~25 minutes on 2 CPU cores; tools/results/demo_reflow.{md,png}
+    python tools/demo_reflow.py            # ~40 minutes on 2 CPU cores; tools/results/demo_reflow.{md,png}
     python tools/demo_reflow.py --quick    # a smoke run of the whole pipeline (~2 minutes)
 
 Everything runs through the `rfkit` command a user types, in tools/results/demo_reflow/:

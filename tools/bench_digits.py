@@ -35,8 +35,8 @@ import lightning.pytorch as pl
 import matplotlib
 import torch
 import yaml
+from benchstats import mean_interval
 from lightning.pytorch.callbacks import EMAWeightAveraging
-from scipy.stats import t as student_t
 from sklearn.datasets import load_digits
 
 from rfkit.data import Digits
@@ -128,11 +128,7 @@ def floor(real: torch.Tensor) -> float:
 
 def band(values: list[float]) -> tuple[float, float, float]:
     """(mean, 10% and 90% bounds of the mean): an 80% Student-t interval over seeds."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, mean, mean
-    half = student_t.ppf(0.9, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return mean, mean - half, mean + half
+    return mean_interval(values, level=0.8)
 
 
 WEIGHTS = ("raw", "EMA")  # raw first: after 1,000 steps an EMA of 0.998 still holds 0.998^1000 = 14% of the start

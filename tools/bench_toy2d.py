@@ -35,7 +35,7 @@ import lightning.pytorch as pl
 import matplotlib
 import matplotlib.ticker
 import torch
-from scipy.stats import t as student_t
+from benchstats import mean_interval
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
 from torchcfm.models.models import MLP as CFMMLP
 
@@ -243,19 +243,10 @@ def paired(results: dict) -> list[str]:
             cells = []
             for k in STEPS:
                 diff = [a[f"w2@{k}"] - b[f"w2@{k}"] for a, b in zip(ours, theirs, strict=True)]
-                mean, lo, hi = interval(diff)
+                mean, lo, hi = mean_interval(diff, level=0.9)
                 cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{'*' if lo > 0 or hi < 0 else ''}")
             lines.append(f"| {target} | {coupling} | " + " | ".join(cells) + " |")
     return lines
-
-
-def interval(values: list[float], level: float = 0.9) -> tuple[float, float, float]:
-    """(mean, lower, upper): the two-sided Student-t interval of the mean."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, mean, mean
-    half = student_t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return mean, mean - half, mean + half
 
 
 def plot(results: dict, floor: dict, path: Path) -> None:

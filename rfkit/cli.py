@@ -45,6 +45,7 @@ import rfkit.solvers
 import rfkit.strategies
 import rfkit.timesteps
 import rfkit.weightings  # noqa: F401
+from rfkit.class_switch import class_switch_resets
 from rfkit.data.batches import global_batch_split
 from rfkit.hints import HintingParser, refused_value_hint
 from rfkit.module import RectifiedFlow
@@ -124,6 +125,10 @@ class RFKitCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        with class_switch_resets():  # a component whose class changes starts from that class's defaults
+            super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -195,7 +200,8 @@ def run_command(name: str, args: list[str]) -> None:
 
     commands = {"sample": sample, "reflow": reflow}
     try:
-        result = auto_cli(commands[name], args=args, as_positional=False, prog=f"rfkit {name}")
+        with class_switch_resets():
+            result = auto_cli(commands[name], args=args, as_positional=False, prog=f"rfkit {name}")
     except (ValueError, FileNotFoundError) as err:  # bad input: say what, no traceback
         sys.exit(f"rfkit {name}: error: {err}")
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report

@@ -46,8 +46,16 @@ def config_hint(message: str, parser) -> str:
         parent, _, leaf = key.rpartition(".")
         siblings = sorted({k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent})
         lines.append(_suggest(f"unknown key {key!r}", leaf, siblings, "valid keys here"))
-    for cls_path, option in re.findall(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message):
+    refused = re.findall(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
+    # (a callable's argument, e.g. an optimizer's, is reported the other way round)
+    refused += [
+        (c, o) for o, c in re.findall(r"Option '(\w+)' is not accepted\. Got value: \S+class_path='([\w.]+)'", message)
+    ]
+    for cls_path, option in refused:
         params = [p for p in inspect.signature(_resolve(cls_path)).parameters if p != "self"]
+        if not params:
+            lines.append(f"{cls_path} has no argument {option!r}: it takes no arguments.")
+            continue
         lines.append(_suggest(f"{cls_path} has no argument {option!r}", option, params, "it takes"))
     typed = r"(?:class_path '([\w.]+)':\s+)?Parser key \"([\w.]+)\":\s+Expected a <class '([\w.]+)'>\. Got value: (.*)"
     for cls_path, key, expected, got in re.findall(typed, message):

@@ -7,8 +7,11 @@ Does SD3's ordering (Esser et al. 2024, Table 1: logit-normal best, uniform wors
 class-conditional DiT on scikit-learn's 8x8 digits? Each (sampler, seed) trains the recipe of
 configs/digits.yaml (AdamW 1e-3 with a 200-step warm-up, 10% label dropout, EMA 0.998) through
 ``RectifiedFlow`` and a Lightning ``Trainer`` for the same number of steps; only the timestep
-sampler differs. The DiT is the config's (depth 4, 4 heads, patch 2) at width 96 instead of 128
-(0.72M instead of 1.27M parameters), to fit 12 runs of 1,000 steps in the budget. Within a seed
+sampler differs. Before training, the script checks that each module it builds is the one
+``rfkit fit --config configs/digits.yaml --model.timesteps=<sampler> --model.model.init_args.width=96``
+builds (``benchconfig.check_same_recipe``: model, plugins, optimizer, schedule, label dropout).
+The DiT is the config's (depth 4, 4 heads, patch 2) at width 96 instead of 128 (0.72M instead
+of 1.27M parameters), to fit 12 runs of 1,000 steps in the budget. Within a seed
 every sampler starts from the same weights, sees the same batches and noise (rfkit draws them
 from (seed, step)) and is scored on the same 1,000 starting points: a paired comparison.
 
@@ -35,6 +38,7 @@ import lightning.pytorch as pl
 import matplotlib
 import torch
 import yaml
+from benchconfig import check_same_recipe
 from benchstats import mean_interval
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from sklearn.datasets import load_digits
@@ -70,16 +74,27 @@ class RawWeights(pl.Callback):
         self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def train(sampler: TimestepSampler, seed: int, steps: int, batch: int, dit: dict) -> dict[str, RectifiedFlow]:
-    """The digits recipe with ``sampler``: {"EMA": module with the EMA weights, "raw": with the last weights}."""
-    pl.seed_everything(seed, verbose=False)
-    flow = RectifiedFlow(
+def build(sampler: TimestepSampler, dit: dict) -> RectifiedFlow:
+    """configs/digits.yaml's module with ``sampler`` and the DiT ``dit`` (checked against the config in main)."""
+    return RectifiedFlow(
         DiT(**dit),
         timesteps=sampler,
         cond_dropout=0.1,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0),
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.01, total_iters=200),
     )
+
+
+def config_overrides(name: str, dit: dict) -> list[str]:
+    """What a user types to run ``build(SAMPLERS[name](), dit)`` with ``rfkit fit --config configs/digits.yaml``."""
+    sampler = f"--model.timesteps={SAMPLERS[name].__name__}"
+    return [sampler, *(f"--model.model.init_args.{k}={v}" for k, v in dit.items())]
+
+
+def train(sampler: TimestepSampler, seed: int, steps: int, batch: int, dit: dict) -> dict[str, RectifiedFlow]:
+    """The digits recipe with ``sampler``: {"EMA": module with the EMA weights, "raw": with the last weights}."""
+    pl.seed_everything(seed, verbose=False)
+    flow = build(sampler, dit)
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -204,6 +219,8 @@ def main() -> None:
     out = args.out if args.out is not None or args.quick else OUT
     torch.set_num_threads(args.threads)
     dit = dit_kwargs(32 if args.quick else args.width, args.depth)
+    for name, sampler in SAMPLERS.items():  # what trains here is what the config trains
+        check_same_recipe(build(sampler(), dit), "digits.yaml", *config_overrides(name, dit))
     real, started = real_digits(), time.perf_counter()
     fid, scores = fid_metric(real), {name: [] for name in SAMPLERS}
     for seed in range(seeds):

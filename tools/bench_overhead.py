@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from benchconfig import from_config, optimizer_recipe
 
 from rfkit.cli import main as rfkit_main
 from rfkit.data import Digits, Toy2D
@@ -113,6 +114,18 @@ def run_loop(spec: dict, steps: int, warmup: int) -> float:
     return (steps - warmup) / (time.perf_counter() - start)
 
 
+def check_same_recipe(spec: dict) -> None:
+    """The hand loop trains the config's model with the config's optimizer, or the comparison means nothing."""
+    module, _ = from_config(spec["config"], *spec["overrides"])
+    torch.manual_seed(0)
+    mine = spec["model"]()
+    same_model = type(mine) is type(module.model) and [p.shape for p in mine.parameters()] == [
+        p.shape for p in module.model.parameters()
+    ]
+    if not same_model or optimizer_recipe(spec["optimizer"]) != optimizer_recipe(module.optimizer_factory):
+        raise SystemExit(f"the hand loop's model or optimizer is not what configs/{spec['config']} builds")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating rfkit/loop rounds per workload")
@@ -120,6 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     lines = ["| workload | rfkit steps/s | hand loop steps/s | ratio (rfkit / loop) |", "|---|---|---|---|"]
     for name, spec in WORKLOADS.items():
+        check_same_recipe(spec)
         steps = args.steps if "MLP" in name else args.steps // 4
         warmup = steps // 10
         ours, loop = [], []

@@ -6,8 +6,10 @@
 For each target, coupling (independent, exact minibatch OT) and seed, one network is trained by
 each framework in the same run, alternating which goes first (so machine load hits both alike):
 
-- rfkit through its real training path: ``RectifiedFlow(MLP(2, 64, 3), coupling=...)`` fitted by a
-  Lightning ``Trainer`` on ``rfkit.data.Toy2D`` (logger, checkpoints and progress bar off).
+- rfkit through the path users take: the module and data module that ``rfkit fit --config
+  configs/toy2d.yaml`` builds (MLP(2, 64, 3), Adam 1e-3, batch 256; ``--model.coupling=Independent``
+  for the independent coupling, ``--data.init_args.target=...`` for the target), fitted by a bare
+  Lightning ``Trainer`` (logger, checkpoints, validation and progress bar off: the same for both).
 - torchcfm's own 2-D recipe, as its README and examples write it: x0 ~ N(0, I), x1 ~ target,
   ``t, xt, ut = FM.sample_location_and_conditional_flow(x0, x1)`` with ``ConditionalFlowMatcher(0)`` or
   ``ExactOptimalTransportConditionalFlowMatcher(0)``, ``vt = model(cat([xt, t]))``, MSE, Adam(1e-3),
@@ -35,16 +37,15 @@ import lightning.pytorch as pl
 import matplotlib
 import matplotlib.ticker
 import torch
+from benchconfig import from_config, optimizer_recipe, recipe
 from benchstats import mean_interval
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
 from torchcfm.models.models import MLP as CFMMLP
 
-from rfkit.couplings import Coupling, Independent, MinibatchOT
-from rfkit.data import EightGaussians, Moons, Toy2D, ToyDistribution
+from rfkit.data import EightGaussians, Moons, ToyDistribution
 from rfkit.diagnostics import flow_stats
 from rfkit.metrics import Wasserstein2
 from rfkit.models import MLP
-from rfkit.module import RectifiedFlow
 from rfkit.solvers import Euler, time_grid
 
 matplotlib.use("Agg")
@@ -57,8 +58,17 @@ STEPS = (1, 2, 4, 8, 20, 100)  # Euler steps at which W2 is measured
 N_EVAL, BATCH = 2000, 256
 
 
-def rfkit_coupling(name: str) -> Coupling:
-    return Independent() if name == "independent" else MinibatchOT("exact")
+def toy2d_config(target: ToyDistribution, coupling: str, steps: int, seed: int) -> tuple:
+    """(module, data module) of ``rfkit fit --config configs/toy2d.yaml`` for this target, coupling and seed."""
+    overrides = [
+        f"--seed_everything={seed}",
+        f"--data.init_args.target={type(target).__name__}",
+        f"--data.init_args.batches_per_epoch={steps}",
+        f"--data.init_args.seed={seed}",
+    ]
+    if coupling == "independent":  # the config's own coupling is exact minibatch OT
+        overrides.append("--model.coupling=Independent")
+    return from_config("toy2d.yaml", *overrides)
 
 
 def torchcfm_matcher(name: str) -> ConditionalFlowMatcher:
@@ -91,15 +101,14 @@ class StepClock(pl.Callback):
 
 
 def train_rfkit(target: ToyDistribution, coupling: str, steps: int, seed: int) -> tuple:
-    """(velocity fn, s/step): RectifiedFlow fitted by a Lightning Trainer on Toy2D."""
-    pl.seed_everything(seed, verbose=False)
-    flow = RectifiedFlow(MLP(dim=2, width=64, depth=3), coupling=rfkit_coupling(coupling), optimizer=adam)
+    """(velocity fn, s/step): configs/toy2d.yaml's module and data fitted by a bare Lightning Trainer."""
+    flow, data = toy2d_config(target, coupling, steps, seed)
     clock = StepClock(warmup=steps // 10)
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[clock],
     )  # fmt: skip
-    trainer.fit(flow, datamodule=Toy2D(target, batch_size=BATCH, batches_per_epoch=steps, seed=seed))
+    trainer.fit(flow, datamodule=data)
     net = flow.model.eval()
     return (lambda x, t: net(x, t, {})), clock.per_step()
 
@@ -127,10 +136,10 @@ def train_torchcfm(target: ToyDistribution, coupling: str, steps: int, seed: int
 
 def train_rfkit_plain(target: ToyDistribution, coupling: str, steps: int, seed: int) -> tuple:
     """(None, s/step) of rfkit's own step (``RectifiedFlow.training_step``, backward, Adam) without Lightning."""
-    torch.manual_seed(seed)
-    flow = RectifiedFlow(MLP(dim=2, width=64, depth=3), coupling=rfkit_coupling(coupling))
-    optimizer, warmup, start = adam(flow.parameters()), steps // 10, 0.0
-    for k, batch in enumerate(Toy2D(target, batch_size=BATCH, batches_per_epoch=steps, seed=seed).train_dataloader()):
+    flow, data = toy2d_config(target, coupling, steps, seed)
+    optimizer, warmup, start = flow.configure_optimizers(), steps // 10, 0.0
+    data.setup("fit")
+    for k, batch in enumerate(data.train_dataloader()):
         optimizer.zero_grad()
         flow.training_step(batch, k).backward()
         optimizer.step()
@@ -142,13 +151,22 @@ def train_rfkit_plain(target: ToyDistribution, coupling: str, steps: int, seed: 
 TRAIN = {"rfkit": train_rfkit, "torchcfm": train_torchcfm, "rfkit, no Lightning": train_rfkit_plain}
 
 
-def same_init(seed: int) -> bool:
-    """rfkit's MLP(2, 64, 3) and torchcfm's MLP(2, w=64) are one architecture: same seed, same weights."""
-    torch.manual_seed(seed)
-    ours = [p.detach().clone() for p in MLP(dim=2, width=64, depth=3).parameters()]
+def same_recipe(seed: int) -> str | None:
+    """Why the two sides would not train alike, or None: the config's MLP and torchcfm's MLP(2, w=64) start
+    from the same weights for the same seed, with the same optimizer and batch size."""
+    flow, data = toy2d_config(Moons(), "independent", 10, seed)
     torch.manual_seed(seed)
     theirs = list(CFMMLP(dim=2, w=64, time_varying=True).parameters())
-    return len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    ours = list(flow.model.parameters())
+    if type(flow.model) is not MLP or not (
+        len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    ):
+        return "configs/toy2d.yaml's model and torchcfm's MLP(2, w=64) do not start from the same weights"
+    if recipe(flow)["optimizer"] != optimizer_recipe(adam):
+        return f"configs/toy2d.yaml's optimizer {recipe(flow)['optimizer']} is not torchcfm's {optimizer_recipe(adam)}"
+    if data.batch_size != BATCH:
+        return f"configs/toy2d.yaml's batch size {data.batch_size} is not {BATCH}"
+    return None
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -283,8 +301,9 @@ def main() -> None:
     steps, seeds = (150, 2) if args.quick else (args.steps, args.seeds)
     out = args.out if args.out is not None or args.quick else OUT
     torch.set_num_threads(args.threads)
-    if not same_init(0):
-        raise SystemExit("rfkit's MLP(2, 64, 3) and torchcfm's MLP(2, w=64) no longer start from the same weights")
+    mismatch = same_recipe(0)
+    if mismatch:
+        raise SystemExit(mismatch)
     results: dict = {}  # (target, coupling, framework) -> one dict per seed
     started, order = time.perf_counter(), ["rfkit", "torchcfm"]
     for tname, target_cls in TARGETS.items():

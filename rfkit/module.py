@@ -21,7 +21,8 @@ from torch import Tensor
 
 from rfkit import __version__
 from rfkit.couplings import Coupling, Independent
-from rfkit.distributed import any_rank, broadcast_from_zero, local_rows, rank_and_world, stream_seed
+from rfkit.distributed import any_rank, broadcast_from_zero, rank_and_world
+from rfkit.draws import RowDraws
 from rfkit.metrics import LossMeter
 from rfkit.models.base import VelocityModel
 from rfkit.parallel import parallelize
@@ -68,10 +69,11 @@ class RectifiedFlow(pl.LightningModule):
         skip_nonfinite: on a NaN/inf loss, skip that optimizer step (on every rank) and count it in
             ``train/skipped_steps``, instead of stopping with :class:`NonFiniteLossError`.
 
-    Training noise, timesteps and label drops are drawn for the *global* batch from a generator
-    seeded by (seed, step, batch index), and each rank keeps its rows. So they are independent
-    across ranks, the same for any number of ranks (1 GPU with batch 2B trains exactly like 2 GPUs
-    with B each), and need no RNG state to resume.
+    Training noise, timesteps and label drops are drawn per row of the *global* batch, from
+    (seed, step, row) (:class:`rfkit.draws.RowDraws`): each rank draws only the blocks of rows it
+    holds, yet gets the numbers any other layout would give those rows. So they are independent
+    across ranks, the same for any number of ranks and any gradient accumulation (1 GPU with batch
+    2B trains exactly like 2 GPUs with B each), and need no RNG state to resume.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class RectifiedFlow(pl.LightningModule):
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.skip_nonfinite, self.skipped_steps, self._skip_step = skip_nonfinite, 0, False
         self.noise_seed: int | None = None  # set at fit start (or from the checkpoint); see the class docstring
+        self._draws_step, self._micro_batch = -1, 0  # which micro-batch of an optimizer step is running
         self._configured = False
         self.run_config: dict[str, Any] | None = None  # the whole resolved config, set by the CLI
         self.loss_meter = LossMeter(loss_bins)
@@ -136,32 +139,38 @@ class RectifiedFlow(pl.LightningModule):
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return self.model(x, t, cond)
 
-    def velocity_loss(self, batch: dict[str, Tensor], t: Tensor | None = None, generator=None) -> tuple:
-        """Per-sample unweighted loss ``mean ||v - u||^2`` (B,) and the timesteps (B,) used."""
+    def velocity_loss(self, batch: dict[str, Tensor], draws: RowDraws | None = None, t: Tensor | None = None) -> tuple:
+        """Per-sample unweighted loss ``mean ||v - u||^2`` (B,) and the timesteps (B,) used.
+
+        ``draws``: the step's random numbers (default: seeded from torch's global RNG).
+        """
         x1 = batch["latent"]
+        draws = draws if draws is not None else RowDraws.from_torch_rng(x1.shape[0], x1.device)
         cond = {k: batch[k] for k in COND_KEYS if k in batch}
-        # draw for the global batch (world x n rows) and keep this rank's rows: see the class docstring
-        n, world, mine = x1.shape[0], rank_and_world()[1], local_rows(x1.shape[0])
-        where = generator.device if generator is not None else x1.device
-        x0 = torch.randn((world * n, *x1.shape[1:]), generator=generator, device=where, dtype=x1.dtype)
-        x0, x1 = self.coupling(x0[mine].to(x1.device), x1, noise=batch.get("noise"), generator=generator, cond=cond)
+        x0 = draws.normal(tuple(x1.shape[1:]), x1.dtype).to(x1.device)
+        x0, x1 = self.coupling(x0, x1, noise=batch.get("noise"), generator=draws.shared(), cond=cond)
         if t is None:
             sampler = self.timesteps.for_tokens(self.model.num_tokens(tuple(x1.shape[1:])))
-            t = sampler(world * n, device=x1.device, generator=generator)[mine]
+            t = draws.rows(lambda k, g: sampler(k, device=draws.device, generator=g)).to(x1.device)
         if self.training and self.cond_dropout > 0 and cond:
-            drop = torch.rand(world * n, generator=generator, device=where)[mine].to(x1.device) < self.cond_dropout
-            cond = self.model.drop_condition(cond, drop)
+            cond = self.model.drop_condition(cond, draws.uniform().to(x1.device) < self.cond_dropout)
         path = straight_path(x0, x1, t)
         v = self.model(path.x_t, t, cond)
         return (v.float() - path.u.float()).pow(2).flatten(1).mean(1), t
 
+    def _training_draws(self, num_rows: int) -> RowDraws:
+        """This step's draws for this rank's rows (see the class docstring); from the global RNG when
+        called by hand, without a trainer."""
+        if self._trainer is None:
+            return RowDraws.from_torch_rng(num_rows, self.device)
+        rank, world = rank_and_world()
+        step = self.trainer.global_step
+        self._micro_batch = self._micro_batch + 1 if step == self._draws_step else 0  # under gradient accumulation
+        self._draws_step = step
+        return RowDraws.for_step(self.noise_seed or 0, step, self._micro_batch, rank, world, num_rows, self.device)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        generator = None
-        if self._trainer is not None:  # (called by hand, it draws from the global RNG)
-            generator = torch.Generator(self.device).manual_seed(
-                stream_seed(self.noise_seed or 0, self.trainer.global_step, batch_idx)
-            )
-        per_sample, t = self.velocity_loss(batch, generator=generator)
+        per_sample, t = self.velocity_loss(batch, self._training_draws(batch["latent"].shape[0]))
         loss = (self.weighting(t) * per_sample).mean()
         if any_rank(~torch.isfinite(loss.detach()), loss.device):  # one all-reduce: every rank decides alike
             if not self.skip_nonfinite:
@@ -220,9 +229,9 @@ class RectifiedFlow(pl.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         n = batch["latent"].shape[0]
         # fixed noise and t-levels (t_k = (k + 1/2) / K, sample i at level i mod K): deterministic
-        g = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
+        draws = RowDraws.for_step(1234, batch_idx, 0, *rank_and_world(), n, self.device)
         levels = (torch.arange(n, device=self.device) % self.val_levels + 0.5) / self.val_levels
-        per_sample, _t = self.velocity_loss(batch, t=levels.to(batch["latent"].dtype), generator=g)
+        per_sample, _t = self.velocity_loss(batch, draws, t=levels.to(batch["latent"].dtype))
         self.log("val/loss", per_sample.mean(), on_epoch=True, sync_dist=True, batch_size=n, prog_bar=True)
         for k in range(min(self.val_levels, n)):
             at_level = per_sample[k :: self.val_levels]

@@ -10,9 +10,10 @@ import pytest
 HEAVY = ("lightning", "pytorch_lightning", "webdataset", "wandb", "jsonargparse", "torchmetrics", "PIL")
 
 
-@pytest.mark.parametrize(
-    "modules", ["rfkit", "rfkit.timesteps rfkit.couplings rfkit.weightings rfkit.paths rfkit.solvers rfkit.diagnostics"]
-)
+CORE = "rfkit.timesteps rfkit.couplings rfkit.weightings rfkit.paths rfkit.solvers rfkit.diagnostics rfkit.draws"
+
+
+@pytest.mark.parametrize("modules", ["rfkit", CORE])
 def test_core_math_does_not_import_lightning_or_io(modules):
     code = f"import sys; import {', '.join(modules.split())}; print([m for m in {HEAVY!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

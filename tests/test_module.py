@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from rfkit.couplings import MinibatchOT, Reflow
+from rfkit.draws import RowDraws
 from rfkit.models import DiT, VelocityModel
 from rfkit.module import RectifiedFlow
 from rfkit.sampling import generate, guided_velocity
@@ -45,8 +46,8 @@ def test_loss_is_the_weighted_velocity_mse():
     module = RectifiedFlow(Linear(), timesteps=LogitNormal(), weighting=MinSNR(5.0))
     x1 = torch.randn(64, 3)
     t = torch.rand(64)
-    per_sample, t_used = module.velocity_loss({"latent": x1}, t=t, generator=torch.Generator().manual_seed(3))
-    x0 = torch.randn(64, 3, generator=torch.Generator().manual_seed(3))
+    per_sample, t_used = module.velocity_loss({"latent": x1}, RowDraws(3, 0, 64), t=t)
+    x0 = RowDraws(3, 0, 64).normal((3,))
     x_t = (1 - t[:, None]) * x0 + t[:, None] * x1
     v = module.model(x_t, t, {})
     torch.testing.assert_close(per_sample, ((v - (x1 - x0)) ** 2).mean(1))
@@ -72,8 +73,8 @@ def test_coupling_and_reflow_noise_are_used():
     # minibatch OT: the module trains on the optimally permuted noise
     ot = RectifiedFlow(Linear(), coupling=MinibatchOT())
     ones = torch.ones(32)
-    per_ot, _ = ot.velocity_loss({"latent": x1}, t=ones, generator=torch.Generator().manual_seed(0))
-    x0 = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+    per_ot, _ = ot.velocity_loss({"latent": x1}, RowDraws(0, 0, 32), t=ones)
+    x0 = RowDraws(0, 0, 32).normal((3,))
     paired, _ = MinibatchOT()(x0, x1)
     v = ot.model(x1, ones, {})  # at t = 1, x_t is the data whatever the pairing
     torch.testing.assert_close(per_ot, ((v - (x1 - paired)) ** 2).mean(1))

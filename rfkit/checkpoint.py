@@ -58,11 +58,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     """
     from lightning.pytorch.cli import instantiate_module
 
+    from rfkit.class_switch import class_switch_resets
     from rfkit.module import RectifiedFlow
 
     ckpt = read_checkpoint(path, map_location)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "_instantiator"}
-    module = instantiate_module(RectifiedFlow, hparams)
+    with class_switch_resets():  # the saved config is complete: nothing may come from the signature's defaults
+        module = instantiate_module(RectifiedFlow, hparams)
     module.load_state_dict(ckpt["state_dict"])
     module.run_config = ckpt["rfkit"].get("config")
     return module.to(map_location).eval()

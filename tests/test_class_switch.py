@@ -17,6 +17,7 @@ import yaml
 from jsonargparse import _typehints
 from scale_fixtures import child_env
 
+import rfkit
 from rfkit.class_switch import class_switch_resets
 from rfkit.cli import RFKitCLI, main
 from rfkit.couplings import Coupling
@@ -36,8 +37,12 @@ def printed(capsys, *args: str) -> dict:
     return yaml.safe_load(capsys.readouterr().out)["model"]
 
 
+def optimizer_of_module(module) -> torch.optim.Optimizer:
+    return module.configure_optimizers()  # the configs without a scheduler return the optimizer itself
+
+
 def optimizer_of(cli: RFKitCLI) -> torch.optim.Optimizer:
-    return cli.model.configure_optimizers()  # the configs without a scheduler return the optimizer itself
+    return optimizer_of_module(cli.model)
 
 
 def test_adam_in_a_yaml_does_not_inherit_adamw_weight_decay(capsys):
@@ -111,6 +116,9 @@ def test_the_run_config_and_the_stepped_optimizer_match_the_yaml(tmp_path):
     assert type(stepped) is torch.optim.Adam
     assert [g["weight_decay"] for g in stepped.param_groups] == [0.0]
     assert all(s["step"] == 2 for s in stepped.state.values())  # it is the one that trained
+    # and the checkpoint rebuilds the same recipe
+    rebuilt = optimizer_of_module(rfkit.load_checkpoint(tmp_path / "checkpoints/last.ckpt"))
+    assert type(rebuilt) is torch.optim.Adam and rebuilt.defaults["weight_decay"] == 0.0
 
 
 def test_same_class_under_another_import_path_keeps_its_arguments(capsys):

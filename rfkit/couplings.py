@@ -27,11 +27,12 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from rfkit.distributed import broadcast_from_zero, gather_rows, local_rows, rank_and_world
+from rfkit.plugin import Plugin
 
 __all__ = ["Coupling", "Independent", "MinibatchOT", "Reflow", "check_pair"]
 
 
-class Coupling(ABC):
+class Coupling(Plugin, ABC):
     """Pairs noise with data; ``x1`` comes back untouched."""
 
     @abstractmethod
@@ -154,11 +155,6 @@ class MinibatchOT(Coupling):
         plan = sinkhorn_plan(x0, x1, self.reg, self.max_iter, self.tol)
         where = generator.device if generator is not None else plan.device
         return torch.multinomial(plan.to(where), 1, generator=generator).squeeze(1).to(x0.device)
-
-    def __repr__(self) -> str:
-        extra = "" if self.method == "exact" else f", reg={self.reg}"
-        extra += ", across_ranks=True" if self.across_ranks else ""
-        return f"MinibatchOT(method={self.method!r}{extra})"
 
 
 LOW_DIM = 16

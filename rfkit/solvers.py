@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from rfkit.plugin import Plugin
 from rfkit.timesteps import shift_sigma
 
 __all__ = ["RK4", "Euler", "Heun", "Midpoint", "Solver", "VelocityFn", "time_grid"]
@@ -43,7 +44,7 @@ def time_grid(
     return (1.0 - shift_sigma(sigma, shift)).to(device=device, dtype=dtype)
 
 
-class Solver(ABC):
+class Solver(Plugin, ABC):
     """Integrates a velocity field along a time grid."""
 
     evals_per_step: int = 1
@@ -76,9 +77,6 @@ class Solver(ABC):
     def nfe(self, num_steps: int) -> int:
         """Velocity evaluations spent on ``num_steps`` steps."""
         return self.evals_per_step * num_steps
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
 
 
 def _bc(s: Tensor, x: Tensor) -> Tensor:

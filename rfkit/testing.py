@@ -36,14 +36,9 @@ from rfkit.weightings import LossWeighting
 __all__ = ["check_coupling", "check_sampler", "check_solver", "check_weighting"]
 
 
-def _name(plugin: object) -> str:
-    text = repr(plugin)
-    return f"{type(plugin).__name__}()" if text.startswith("<") else text  # object.__repr__ says little
-
-
 def _require(ok: bool, plugin: object, rule: str) -> None:
     if not ok:
-        raise AssertionError(f"{_name(plugin)} breaks the contract: {rule}")
+        raise AssertionError(f"{plugin!r} breaks the contract: {rule}")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -138,7 +133,7 @@ def _call_coupling(coupling: Coupling, x0, x1, noise, seed, cond):
     except TypeError as err:
         if "cond" in str(err):
             raise AssertionError(
-                f"{_name(coupling)} breaks the contract: __call__ must accept the keyword `cond` "
+                f"{coupling!r} breaks the contract: __call__ must accept the keyword `cond` "
                 "(x0, x1, *, noise=None, generator=None, cond=None), even if it ignores it"
             ) from err
         raise
@@ -150,7 +145,7 @@ def _raises_value_error(coupling: Coupling, call, what: str) -> None:
     except ValueError as err:
         _require(bool(str(err)), coupling, f"the ValueError for {what} must say what is wrong")
         return
-    raise AssertionError(f"{_name(coupling)} breaks the contract: {what} must raise ValueError naming the problem")
+    raise AssertionError(f"{coupling!r} breaks the contract: {what} must raise ValueError naming the problem")
 
 
 def check_coupling(

@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from rfkit.plugin import Plugin
+
 __all__ = [
     "CosMap",
     "LogitNormal",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 
-class TimestepSampler(ABC):
+class TimestepSampler(Plugin, ABC):
     """Draws training timesteps ``t`` in the open interval (0, 1)."""
 
     @abstractmethod
@@ -134,9 +136,6 @@ class LogitNormal(TimestepSampler):
         z = (torch.logit(sigma) - self.loc) / self.scale
         return torch.exp(-0.5 * z**2) / (self.scale * math.sqrt(2 * math.pi) * sigma * t)
 
-    def __repr__(self) -> str:
-        return f"LogitNormal(loc={self.loc}, scale={self.scale})"
-
 
 class ModeSampler(TimestepSampler):
     """SD3's mode sampling with heavy tails (SD3 eq. 20)::
@@ -178,9 +177,6 @@ class ModeSampler(TimestepSampler):
         slope = -1.0 - self.scale + self.scale * 0.5 * math.pi * torch.sin(math.pi * u)
         return (1.0 / slope.abs()).to(t.dtype)
 
-    def __repr__(self) -> str:
-        return f"ModeSampler(scale={self.scale})"
-
 
 class CosMap(TimestepSampler):
     """SD3's CosMap: ``sigma = 1 - 1 / (tan(pi u / 2) + 1)``, ``u ~ U(0, 1)``, ``t = 1 - sigma``.
@@ -221,9 +217,6 @@ class UShaped(TimestepSampler):
 
     def density(self, t: Tensor) -> Tensor:
         return self.a * (torch.exp(self.a * t) + torch.exp(self.a * (1.0 - t))) / (2.0 * math.expm1(self.a))
-
-    def __repr__(self) -> str:
-        return f"UShaped(a={self.a})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,9 +265,6 @@ class Shifted(TimestepSampler):
 
     def for_tokens(self, num_tokens: int) -> TimestepSampler:
         return Shifted(self.base.for_tokens(num_tokens), self.shift)
-
-    def __repr__(self) -> str:
-        return f"Shifted({self.base!r}, shift={self.shift})"
 
 
 def resolution_shift(
@@ -338,6 +328,3 @@ class ResolutionShifted(TimestepSampler):
         if num_tokens == self.num_tokens:
             return self
         return ResolutionShifted(self.base, num_tokens, *self._line)
-
-    def __repr__(self) -> str:
-        return f"ResolutionShifted({self.base!r}, num_tokens={self.num_tokens}, shift={self.shift:.4f})"

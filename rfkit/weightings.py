@@ -19,12 +19,13 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from rfkit.plugin import Plugin
 from rfkit.timesteps import TimestepSampler
 
 __all__ = ["Constant", "CosMapWeight", "DensityWeighting", "LossWeighting", "MinSNR", "SigmaSqrt"]
 
 
-class LossWeighting(ABC):
+class LossWeighting(Plugin, ABC):
     """Maps timesteps to per-sample loss weights."""
 
     @abstractmethod

@@ -47,6 +47,3 @@ class WithinClassOT(Coupling):
             if rows.numel() > 1:
                 perm[rows] = rows[exact_assignment(x0[rows], x1[rows])]
         return x0[perm], x1
-
-    def __repr__(self) -> str:
-        return "WithinClassOT()"

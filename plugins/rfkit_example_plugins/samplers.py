@@ -49,6 +49,3 @@ class Beta(TimestepSampler):
     def density(self, t: Tensor) -> Tensor:
         log_p = (self.a - 1.0) * torch.log(t) + (self.b - 1.0) * torch.log1p(-t) - self._log_beta
         return torch.exp(log_p)
-
-    def __repr__(self) -> str:
-        return f"Beta(a={self.a}, b={self.b})"

@@ -36,6 +36,3 @@ class P2Weight(LossWeighting):
     def __call__(self, t: Tensor) -> Tensor:
         snr = (t / (1.0 - t)) ** 2
         return t**2 * (self.k + snr) ** -self.gamma
-
-    def __repr__(self) -> str:
-        return f"P2Weight(gamma={self.gamma}, k={self.k})"

@@ -6,7 +6,7 @@ It reorders or replaces ``x0`` only. The batch's conditioning comes along read-o
 (the keys of :data:`rfkit.module.COND_KEYS`, e.g. ``cond["cls"]``), so a coupling may pair within
 classes without ever seeing, or moving, anything but the noise.
 
-Why it matters (seed-notes): with the independent coupling straight paths cross, the network can
+Why it matters (docs/design.md §2): with the independent coupling straight paths cross, the network can
 only learn their average, and the loss has a positive floor. An optimal-transport coupling (Brenier
 map for the squared Euclidean cost) makes paths that do not cross; minibatch OT approximates it
 (Tong et al. 2023; Pooladian et al. 2023). Reflow takes the pairs ``(z0, ODE(z0))`` of a trained

@@ -6,7 +6,7 @@ For the ODE ``dZ_t/dt = v(Z_t, t)`` started at noise ``Z_0`` (Liu et al. 2022, "
     transport cost C = E || Z_1 - Z_0 ||^2
 
 S = 0 exactly when every trajectory is a straight line travelled at constant speed, and then one
-Euler step samples exactly. Minibatch OT and reflow lower both S and C (seed-notes §2-3). Norms
+Euler step samples exactly. Minibatch OT and reflow lower both S and C (docs/design.md §2). Norms
 are summed over the latent dimensions and averaged over samples.
 """
 

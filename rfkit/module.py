@@ -1,6 +1,6 @@
 """RectifiedFlow: the LightningModule. Wiring and logging only; the math lives in the core modules.
 
-One training step, in the convention of DESIGN.md §1::
+One training step, in the convention of docs/design.md §1::
 
     x1 = batch latents;  x0 ~ N(0, I);  (x0, x1) = coupling(x0, x1, cond=...)
     t ~ timesteps;  x_t = (1 - t) x0 + t x1;  u = x1 - x0

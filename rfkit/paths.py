@@ -1,6 +1,6 @@
 """The straight (rectified) probability path, for latents of any rank.
 
-Convention (DESIGN.md §1)::
+Convention (docs/design.md §1)::
 
     x_t = (1 - t) x0 + t x1        x0 ~ N(0, I) at t = 0, x1 ~ data at t = 1
     u   = x1 - x0                  the conditional target velocity

@@ -1,6 +1,6 @@
 """Contract checks for plugins: call them from your own tests, one per axis.
 
-Each check exercises the rules every implementation of an axis must keep (DESIGN.md §2) and raises
+Each check exercises the rules every implementation of an axis must keep (docs/design.md §3) and raises
 ``AssertionError`` naming the plugin and the rule it broke, so it works with plain ``assert``-style
 test runners and with pytest alike::
 

@@ -1,6 +1,6 @@
 """Timestep samplers: where along the path the training loss is evaluated.
 
-Convention (DESIGN.md §1): ``t = 0`` is noise, ``t = 1`` is data, ``x_t = (1 - t) x0 + t x1``.
+Convention (docs/design.md §1): ``t = 0`` is noise, ``t = 1`` is data, ``x_t = (1 - t) x0 + t x1``.
 Samplers from the SD3 paper (Esser et al. 2024, "Scaling Rectified Flow Transformers") keep the
 paper's parameters, which describe the noise level ``sigma = 1 - t``; each class below draws
 sigma exactly as the paper writes it and returns ``t = 1 - sigma``.

@@ -1,6 +1,6 @@
 """Loss weightings: a per-sample factor ``w(t)`` on the velocity loss ``||v(x_t, t) - (x1 - x0)||^2``.
 
-Convention (DESIGN.md §1): ``t = 0`` is noise, ``t = 1`` is data, ``sigma = 1 - t``. Formulas from
+Convention (docs/design.md §1): ``t = 0`` is noise, ``t = 1`` is data, ``sigma = 1 - t``. Formulas from
 SD3 and diffusers are written in sigma there; here each is restated in t.
 
 Weighting and timestep sampling are two views of one objective: for any sampler with density
@@ -110,7 +110,7 @@ class DensityWeighting(LossWeighting):
     """``w(t) = p(t)`` for a sampler's density: pair it with :class:`~rfkit.timesteps.Uniform` t.
 
     ``E_{t ~ U}[p(t) L(t)] = E_{t ~ p}[L(t)]``: the same objective as drawing t from ``sampler``,
-    with a different variance (seed-notes §4). Useful to compare the two views, or to keep uniform
+    with a different variance (docs/design.md §2). Useful to compare the two views, or to keep uniform
     t (e.g. for per-t loss curves) while training with a paper's density.
     """
 

@@ -1,4 +1,4 @@
-"""DESIGN.md §3: the core math imports neither Lightning nor any I/O library; `import rfkit` stays light."""
+"""docs/design.md §4: the core math imports neither Lightning nor any I/O library; `import rfkit` stays light."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Benchmarks train what users run: the objects a shipped config builds (imported as ``benchconfig``).
 
-``from_config`` builds a recipe exactly as ``rfkit fit --config configs/X.yaml ...overrides`` does
+``from_config`` builds a recipe exactly as ``rfkit fit --config configs/<name>.yaml ...overrides`` does
 (the same parser, class switches and defaults), without training it, so a benchmark can time or
 score the module and data module of a real config. A benchmark that must build its objects by
 hand (a hand-written loop, a narrower model) calls ``check_same_recipe`` once against the config

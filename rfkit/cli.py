@@ -1,6 +1,7 @@
 """``rfkit``: the command line. ``rfkit fit|validate|test|predict --config FILE`` (a LightningCLI);
 ``rfkit sample`` draws from a checkpoint, ``rfkit reflow`` makes (noise, sample) pairs for k-rectified
-flow and ``rfkit encode`` turns images into latent shards (each has ``--help``).
+flow, ``rfkit encode`` turns images into latent shards and ``rfkit index`` writes the manifest of
+shards another tool wrote (each has ``--help``).
 
 Every component is named in YAML by ``class_path`` (a full dotted path) or by its short class name
 when the class is importable: rfkit's built-ins, and classes of any package that declares the
@@ -192,17 +193,18 @@ class RFKitCLI(LightningCLI):
 
 
 def run_command(name: str, args: list[str]) -> None:
-    """``rfkit sample ...`` / ``rfkit reflow ...``: functions whose signatures are their options."""
+    """``rfkit sample|reflow|index ...``: functions whose signatures are their options."""
     from jsonargparse import auto_cli
 
+    from rfkit.commands.index import index
     from rfkit.commands.reflow import reflow
     from rfkit.commands.sample import sample
 
-    commands = {"sample": sample, "reflow": reflow}
+    commands = {"sample": sample, "reflow": reflow, "index": index}
     try:
         with class_switch_resets():
             result = auto_cli(commands[name], args=args, as_positional=False, prog=f"rfkit {name}")
-    except (ValueError, FileNotFoundError) as err:  # bad input: say what, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: say what, no traceback
         sys.exit(f"rfkit {name}: error: {err}")
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
         print(yaml.safe_dump(result, sort_keys=False).rstrip())
@@ -216,7 +218,7 @@ def main(args: list[str] | None = None) -> None:
 
         return encode(argv[1:])
     load_plugins()
-    if argv and argv[0] in ("sample", "reflow"):
+    if argv and argv[0] in ("sample", "reflow", "index"):
         run_command(argv[0], argv[1:])
         return
     try:

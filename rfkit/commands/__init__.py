@@ -1,1 +1,1 @@
-"""rfkit subcommands that are not Trainer entry points: ``rfkit sample`` and ``rfkit reflow``."""
+"""rfkit subcommands that are not Trainer entry points: ``rfkit sample``, ``rfkit reflow`` and ``rfkit index``."""

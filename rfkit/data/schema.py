@@ -151,7 +151,8 @@ class Manifest:
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"no manifest at {url}: latent shards need the dataset.json that rfkit's writer puts next to them "
-                "(rfkit encode, rfkit.data.LatentShardWriter); pass its location as `manifest` if it lives elsewhere"
+                "(rfkit encode, rfkit.data.LatentShardWriter); for shards another tool wrote, "
+                "`rfkit index --shards DIR` scans them and writes it, or pass its location as `manifest`"
             ) from None
         return cls.from_dict(raw, url)
 

@@ -24,7 +24,6 @@ run. See :mod:`rfkit.resume` for what is restored.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import warnings
 from importlib.metadata import entry_points
@@ -33,8 +32,8 @@ from pathlib import Path
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 # imported so that their classes resolve by short name in configs and on the command line
@@ -51,6 +50,7 @@ from rfkit.data.batches import global_batch_split
 from rfkit.hints import HintingParser, refused_value_hint
 from rfkit.module import RectifiedFlow
 from rfkit.resume import AtomicCheckpointIO, Resume, find_last_checkpoint, saved_wandb_run_id
+from rfkit.runs import LogConfig, git_revision, sweep_run_name
 
 PLUGIN_GROUP = "rfkit.plugins"
 DEFAULT_ROOT = "runs/default"
@@ -67,28 +67,6 @@ def load_plugins() -> list[str]:
         else:
             loaded.append(ep.name)
     return loaded
-
-
-def git_revision(cwd: str | Path = ".") -> dict[str, str | bool]:
-    """The commit the run's code came from, and whether the tree had uncommitted changes."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
-        return done.stdout.strip()
-
-    try:
-        return {"git_revision": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_revision": "unknown", "git_dirty": False}
-
-
-class LogConfig(SaveConfigCallback):
-    """Saves ``config.yaml`` in the run directory; sends the config and git revision to the loggers."""
-
-    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"config": config, **git_revision()})
 
 
 def _entries(value) -> list:
@@ -139,6 +117,8 @@ class RFKitCLI(LightningCLI):
             args = getattr(logger, "init_args", None)
             if args is not None and args.get("save_dir") in (None, ".", "./"):
                 args.save_dir = root
+            if args is not None and logger.class_path.endswith("WandbLogger") and os.environ.get("WANDB_SWEEP_ID"):
+                self._name_sweep_run(logger, config)
         dirs = [Path(root) / "checkpoints", Path(root)]  # Path(root): SLURM's hpc_ckpt_*.ckpt
         for callback in _entries(config.trainer.callbacks):
             if callback.class_path.endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
@@ -156,6 +136,14 @@ class RFKitCLI(LightningCLI):
                 class_path="lightning.pytorch.callbacks.TQDMProgressBar", init_args=Namespace(refresh_rate=10)
             )
             config.trainer.callbacks = [*callbacks, bar]
+
+    @staticmethod
+    def _name_sweep_run(logger, config) -> None:
+        """Under a W&B sweep agent: the swept settings in the run's name, the sweep as its group (rfkit.runs)."""
+        logger.init_args.name = sweep_run_name(logger.init_args.get("name"), config.as_dict())
+        extra = dict(logger.get("dict_kwargs") or {})
+        extra.setdefault("group", f"sweep-{os.environ['WANDB_SWEEP_ID']}")
+        logger.dict_kwargs = extra
 
     def _resume_from(self, config, dirs: list[Path]) -> None:
         """Point ``ckpt_path`` at the last complete checkpoint, and the W&B logger at the run it logged to."""

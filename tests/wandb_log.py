@@ -34,8 +34,8 @@ def records(path: Path):
             chunk = b""
 
 
-def history(run_dir: Path, timeout: float = 20.0) -> list[dict[str, str]]:
-    """Every logged row of the offline run under ``run_dir`` (a ``wandb/offline-run-*`` folder).
+def finished_records(run_dir: Path, timeout: float = 20.0) -> list:
+    """The records of the offline run under ``run_dir`` (a ``wandb/offline-run-*`` folder).
 
     wandb's writer process may still be flushing for a moment after ``wandb.finish()`` returns,
     so the file is re-read until its exit record is there (or ``timeout`` passes).
@@ -45,8 +45,24 @@ def history(run_dir: Path, timeout: float = 20.0) -> list[dict[str, str]]:
     while True:
         recs = list(records(log))
         if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
-            break
+            return recs
         time.sleep(0.2)
+
+
+def run_info(run_dir: Path) -> dict:
+    """The run's id, display name and group, and its config as logged (``{"recipe.timesteps": ...}``, JSON values)."""
+    recs = finished_records(run_dir)
+    (run,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+    config = {"/".join(i.nested_key) or i.key: i.value_json for i in run.config.update}
+    for rec in recs:
+        if rec.WhichOneof("record_type") == "config":
+            config.update({"/".join(i.nested_key) or i.key: i.value_json for i in rec.config.update})
+    return {"id": run.run_id, "name": run.display_name, "group": run.run_group, "sweep": run.sweep_id, "config": config}
+
+
+def history(run_dir: Path, timeout: float = 20.0) -> list[dict[str, str]]:
+    """Every logged row of the offline run under ``run_dir`` (a ``wandb/offline-run-*`` folder)."""
+    recs = finished_records(run_dir, timeout)
     return [
         {(i.key or "/".join(i.nested_key)): i.value_json for i in rec.history.item}
         for rec in recs

@@ -79,11 +79,10 @@ def _check_n(n: int) -> None:
         raise ValueError(f"n must be a positive int (the number of timesteps to draw), got {n!r}")
 
 
-def _draw(kind: str, n: int, device, generator: torch.Generator | None) -> Tensor:
-    """(n,) float32 uniform or standard-normal draws, made on the generator's device."""
+def _draw(fn, n: int, device, generator: torch.Generator | None) -> Tensor:
+    """(n,) float32 draws of ``fn`` (``torch.rand``, ``torch.randn``), made on the generator's device."""
     _check_n(n)
     where = generator.device if generator is not None else device
-    fn = torch.rand if kind == "uniform" else torch.randn
     return fn(n, generator=generator, device=where).to(device)
 
 
@@ -100,7 +99,7 @@ class Uniform(TimestepSampler):
     """``t ~ U(0, 1)``; density 1. The rectified-flow paper's choice (Liu et al. 2022)."""
 
     def __call__(self, n: int, *, device=None, generator=None) -> Tensor:
-        return _open(_draw("uniform", n, device, generator))
+        return _open(_draw(torch.rand, n, device, generator))
 
     def density(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
@@ -128,7 +127,7 @@ class LogitNormal(TimestepSampler):
         self.loc, self.scale = float(loc), float(scale)
 
     def __call__(self, n: int, *, device=None, generator=None) -> Tensor:
-        sigma = torch.sigmoid(self.loc + self.scale * _draw("normal", n, device, generator))
+        sigma = torch.sigmoid(self.loc + self.scale * _draw(torch.randn, n, device, generator))
         return _open(1.0 - sigma)
 
     def density(self, t: Tensor) -> Tensor:
@@ -163,7 +162,7 @@ class ModeSampler(TimestepSampler):
         return 1.0 - u - self.scale * (torch.cos(0.5 * math.pi * u) ** 2 - 1.0 + u)
 
     def __call__(self, n: int, *, device=None, generator=None) -> Tensor:
-        return _open(1.0 - self._f(_draw("uniform", n, device, generator)))
+        return _open(1.0 - self._f(_draw(torch.rand, n, device, generator)))
 
     def density(self, t: Tensor) -> Tensor:
         # p(sigma) = 1 / |f'(f^{-1}(sigma))|; f is decreasing, so invert it by bisection in float64.
@@ -186,7 +185,7 @@ class CosMap(TimestepSampler):
     """
 
     def __call__(self, n: int, *, device=None, generator=None) -> Tensor:
-        u = _draw("uniform", n, device, generator)
+        u = _draw(torch.rand, n, device, generator)
         sigma = 1.0 - 1.0 / (torch.tan(0.5 * math.pi * u) + 1.0)
         return _open(1.0 - sigma)
 
@@ -210,7 +209,7 @@ class UShaped(TimestepSampler):
         self.a = float(a)
 
     def __call__(self, n: int, *, device=None, generator=None) -> Tensor:
-        u = _draw("uniform", 2 * n, device, generator)
+        u = _draw(torch.rand, 2 * n, device, generator)
         t = torch.log1p(u[:n] * math.expm1(self.a)) / self.a
         t = torch.where(u[n:] < 0.5, t, 1.0 - t)  # the mirror half
         return _open(t)

@@ -13,14 +13,13 @@ Weighting and timestep sampling are two views of one objective: for any sampler 
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
 
 from rfkit.plugin import Plugin
-from rfkit.timesteps import TimestepSampler
+from rfkit.timesteps import CosMap, TimestepSampler
 
 __all__ = ["Constant", "CosMapWeight", "DensityWeighting", "LossWeighting", "MinSNR", "SigmaSqrt"]
 
@@ -75,12 +74,15 @@ class CosMapWeight(LossWeighting):
     """diffusers' ``weighting_scheme="cosmap"``: ``w = 2 / (pi (1 - 2 sigma + 2 sigma^2))``.
 
     The CosMap density of SD3 §3.1 used as a weight; symmetric in sigma <-> t, so in t it reads
-    ``2 / (pi (1 - 2 t + 2 t^2))``. Equivalent in expectation to sampling t from
-    :class:`rfkit.timesteps.CosMap`.
+    ``2 / (pi (1 - 2 t + 2 t^2))``: ``DensityWeighting(CosMap())`` under diffusers' name, and
+    equivalent in expectation to sampling t from :class:`rfkit.timesteps.CosMap`.
     """
 
     def __call__(self, t: Tensor) -> Tensor:
-        return 2.0 / (math.pi * (1.0 - 2.0 * t + 2.0 * t**2))
+        return _COSMAP.density(t)
+
+
+_COSMAP = CosMap()
 
 
 class MinSNR(LossWeighting):

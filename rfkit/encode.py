@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rfkit.data.writer import LatentShardWriter, shard_name
+from rfkit.data.schema import shard_name
+from rfkit.data.writer import LatentShardWriter
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from rfkit.data.index import index_shards
-from rfkit.data.writer import MANIFEST
+from rfkit.data.schema import MANIFEST
 
 
 def vae_config(folder: Path) -> tuple[Path, dict]:

@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from rfkit.checkpoint import load_checkpoint
 from rfkit.commands.sample import load_condition
-from rfkit.data.writer import MANIFEST, LatentShardWriter, merge_parts
+from rfkit.data.schema import MANIFEST
+from rfkit.data.writer import LatentShardWriter, merge_parts
 from rfkit.distributed import stream_seed
 from rfkit.solvers import Solver
 

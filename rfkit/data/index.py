@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rfkit.data.schema import KEYS, check_array, from_bytes, member, shape_name
+from rfkit.data.schema import KEYS, MANIFEST, check_array, from_bytes, member, shape_name
 from rfkit.data.writer import write_manifest
 
 __all__ = ["ShardScan", "index_shards", "scan_shard"]
@@ -155,7 +155,7 @@ def index_shards(paths: list[Path], out_dir: Path, extra: dict) -> dict:
     write_manifest(out_dir, extra, first.keys, first.shapes, [s.entry() for s in scans])
     shapes = sum((s.latent_shapes for s in scans), Counter())
     return {
-        "manifest": str(out_dir / "dataset.json"),
+        "manifest": str(out_dir / MANIFEST),
         "shards": len(scans),
         "samples": sum(s.samples for s in scans),
         "keys": list(first.keys),

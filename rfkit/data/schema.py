@@ -36,6 +36,8 @@ import numpy as np
 
 FORMAT = "rfkit-latent-shards"
 VERSION = 1
+MANIFEST = "dataset.json"
+"""The manifest's file name, next to the shards."""
 KEYS = ("latent", "cls", "text", "pooled", "noise")
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 SHARD_FIELDS = ("name", "samples", "latent_shapes")
@@ -50,6 +52,11 @@ class BadSample(ValueError):
 def shape_name(shape: tuple[int, ...]) -> str:
     """(4, 32, 32) -> "4x32x32" (the manifest's shape keys)."""
     return "x".join(str(s) for s in shape)
+
+
+def shard_name(index: int) -> str:
+    """The file name rfkit's writer gives shard ``index``: ``shard-000007.tar``."""
+    return f"shard-{index:06d}.tar"
 
 
 def member(key: str) -> str:

@@ -28,9 +28,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from rfkit.data.batches import rank_and_world
-from rfkit.data.schema import Manifest
+from rfkit.data.schema import MANIFEST, Manifest
 from rfkit.data.stream import ShardInfo, ShardStream
-from rfkit.data.writer import MANIFEST
 
 __all__ = ["LatentShards", "resolve_shards"]
 

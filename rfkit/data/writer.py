@@ -25,14 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from rfkit.data.schema import FORMAT, KEYS, RESERVED, VERSION, member, shape_name, to_bytes
-
-MANIFEST = "dataset.json"
-
-
-def shard_name(index: int) -> str:
-    """The file name of shard ``index``: ``shard-000007.tar``."""
-    return f"shard-{index:06d}.tar"
+from rfkit.data.schema import FORMAT, KEYS, MANIFEST, RESERVED, VERSION, member, shape_name, shard_name, to_bytes
 
 
 def _plain(value: Any) -> Any:

@@ -191,9 +191,12 @@ def test_print_config_round_trips(config, tmp_path, capsys):
 def test_plugin_from_outside_the_package_is_used(tmp_path):
     from plugin_fixtures import CountingSampler
 
+    from rfkit.draws import BLOCK_ROWS
+
     before = CountingSampler.calls
     fit("toy2d.yaml", tmp_path, "--model.timesteps=plugin_fixtures.CountingSampler", "--model.timesteps.low=0.2")
-    assert CountingSampler.calls - before == 6  # one draw per training step
+    # one draw per 64-row block of each training step's batch (rfkit.draws): 6 steps x 256 rows
+    assert CountingSampler.calls - before == 6 * 256 // BLOCK_ROWS
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["model"]["timesteps"] == {
         "class_path": "plugin_fixtures.CountingSampler",

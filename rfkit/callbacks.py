@@ -145,6 +145,9 @@ class InitFromCheckpoint(pl.Callback):
     An EMA callback of this run starts its average from these weights: ``AveragedModel`` copies
     the live weights at its first update.
 
+    A model with a second time (``second_time: true``, for MeanFlow or Shortcut) may start from a
+    checkpoint without one: its zero-initialised second-time embedding is kept.
+
     Args:
         path: checkpoint written by ``rfkit fit``; the architectures must match.
     """
@@ -158,6 +161,13 @@ class InitFromCheckpoint(pl.Callback):
         state = read_checkpoint(self.path, map_location="cpu")["state_dict"]
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         try:
-            pl_module.model.load_state_dict(weights)
+            missing, unexpected = pl_module.model.load_state_dict(weights, strict=False)
         except RuntimeError as err:
             raise ValueError(f"{self.path} does not fit this run's model: {str(err).splitlines()[0]}") from err
+        # a flow-matching checkpoint starts a MeanFlow / shortcut model: its second-time embedding keeps
+        # its zero init, so the model computes exactly the checkpoint's velocity until trained
+        missing = [k for k in missing if not k.startswith("r_embed.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{self.path} does not fit this run's model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )

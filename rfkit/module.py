@@ -1,10 +1,11 @@
 """RectifiedFlow: the LightningModule. Wiring and logging only; the math lives in the core modules.
 
-One training step, in the convention of docs/design.md §1::
+One training step, in the convention of docs/design.md §1, with the default objective
+(:class:`rfkit.objectives.FlowMatching`; MeanFlow and Shortcut are the others)::
 
     x1 = batch latents;  x0 ~ N(0, I);  (x0, x1) = coupling(x0, x1, cond=...)
     t ~ timesteps;  x_t = (1 - t) x0 + t x1;  u = x1 - x0
-    loss = mean_i  w(t_i) * mean ||v(x_t, t, cond) - u||^2
+    loss = mean_i  w(t_i) * loss_i,   loss_i = objective's per-sample loss (here mean ||v(x_t, t, cond) - u||^2)
 """
 
 from __future__ import annotations
@@ -25,19 +26,19 @@ from rfkit.distributed import any_rank, broadcast_from_zero, rank_and_world
 from rfkit.draws import RowDraws
 from rfkit.metrics import LossMeter
 from rfkit.models.base import VelocityModel
+from rfkit.objectives import COND_KEYS, FlowMatching, Objective
 from rfkit.parallel import parallelize
-from rfkit.paths import straight_path
 from rfkit.resume import NonFiniteLossError
-from rfkit.sampling import generate
 from rfkit.solvers import Euler, Solver
 from rfkit.strategies import sharding_mesh
 from rfkit.timesteps import TimestepSampler, Uniform
 from rfkit.weightings import Constant, LossWeighting
 
-COND_KEYS = ("cls", "text", "pooled")
-"""Batch keys passed to the model as conditioning (see :data:`rfkit.models.Cond`)."""
+__all__ = ["COND_KEYS", "RectifiedFlow"]
 
-_COMPONENTS = ["model", "timesteps", "coupling", "weighting", "optimizer", "lr_scheduler", "sample_solver"]
+_COMPONENTS = [
+    "model", "objective", "timesteps", "coupling", "weighting", "optimizer", "lr_scheduler", "sample_solver"
+]  # fmt: skip
 
 # configure_model below is idempotent and refuses sharding under EMA, so Lightning's generic warning
 # ("WeightAveraging doesn't support sharding model layers") says nothing for rfkit runs
@@ -49,6 +50,8 @@ class RectifiedFlow(pl.LightningModule):
 
     Args:
         model: the velocity network ``v(x, t, cond)``.
+        objective: the training loss and the sampler that goes with it (default ``FlowMatching()``;
+            ``MeanFlow()`` and ``Shortcut()`` learn one- and few-step jumps, :mod:`rfkit.objectives`).
         timesteps: where on the path to train (default ``Uniform()``).
         coupling: which noise each data sample travels from (default ``Independent()``).
         weighting: per-sample loss weight ``w(t)`` (default ``Constant()``).
@@ -56,8 +59,8 @@ class RectifiedFlow(pl.LightningModule):
         lr_scheduler: builds a scheduler from the optimizer, stepped every optimizer step.
         cond_dropout: probability of replacing a sample's condition by the null condition, which
             trains the unconditional model that classifier-free guidance needs.
-        sample_solver: ODE solver for validation samples (default ``Euler()``).
-        sample_steps: solver steps for validation samples.
+        sample_solver: ODE solver for validation samples (default ``Euler()``; jumping objectives ignore it).
+        sample_steps: solver steps (jumps, for MeanFlow / Shortcut) for validation samples.
         sample_shift: inference-side timestep shift for validation samples.
         cfg_scale: guidance scale for validation samples (1 = none).
         loss_bins: number of t-bins in the logged per-t loss.
@@ -79,6 +82,7 @@ class RectifiedFlow(pl.LightningModule):
     def __init__(
         self,
         model: VelocityModel,
+        objective: Objective | None = None,
         timesteps: TimestepSampler | None = None,
         coupling: Coupling | None = None,
         weighting: LossWeighting | None = None,
@@ -106,6 +110,7 @@ class RectifiedFlow(pl.LightningModule):
         given = _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=None if given else _COMPONENTS)
         self.model = model
+        self.objective = objective if objective is not None else FlowMatching()
         self.timesteps = timesteps if timesteps is not None else Uniform()
         self.coupling = coupling if coupling is not None else Independent()
         self.weighting = weighting if weighting is not None else Constant()
@@ -136,27 +141,26 @@ class RectifiedFlow(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        return self.model(x, t, cond)
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], r: Tensor | None = None) -> Tensor:
+        return self.model(x, t, cond) if r is None else self.model(x, t, cond, r)
 
     def velocity_loss(self, batch: dict[str, Tensor], draws: RowDraws | None = None, t: Tensor | None = None) -> tuple:
-        """Per-sample unweighted loss ``mean ||v - u||^2`` (B,) and the timesteps (B,) used.
+        """The objective's per-sample loss (B,), before the weighting, and the timesteps (B,) used.
 
-        ``draws``: the step's random numbers (default: seeded from torch's global RNG).
+        ``draws``: the step's random numbers (default: seeded from torch's global RNG). ``t``: fixed
+        timesteps (validation levels): the instantaneous-velocity loss there, for every objective.
         """
         x1 = batch["latent"]
         draws = draws if draws is not None else RowDraws.from_torch_rng(x1.shape[0], x1.device)
-        cond = {k: batch[k] for k in COND_KEYS if k in batch}
-        x0 = draws.normal(tuple(x1.shape[1:]), x1.dtype).to(x1.device)
-        x0, x1 = self.coupling(x0, x1, noise=batch.get("noise"), generator=draws.shared(), cond=cond)
-        if t is None:
-            sampler = self.timesteps.for_tokens(self.model.num_tokens(tuple(x1.shape[1:])))
-            t = draws.rows(lambda k, g: sampler(k, device=draws.device, generator=g)).to(x1.device)
-        if self.training and self.cond_dropout > 0 and cond:
-            cond = self.model.drop_condition(cond, draws.uniform().to(x1.device) < self.cond_dropout)
-        path = straight_path(x0, x1, t)
-        v = self.model(path.x_t, t, cond)
-        return (v.float() - path.u.float()).pow(2).flatten(1).mean(1), t
+        return self.objective.loss(
+            self.model,
+            batch,
+            draws,
+            coupling=self.coupling,
+            timesteps=self.timesteps,
+            cond_dropout=self.cond_dropout if self.training else 0.0,
+            t=t,
+        )
 
     def _training_draws(self, num_rows: int) -> RowDraws:
         """This step's draws for this rank's rows (see the class docstring); from the global RNG when
@@ -242,8 +246,9 @@ class RectifiedFlow(pl.LightningModule):
     def sample(
         self, x0: Tensor, cond: dict[str, Tensor] | None = None, num_steps: int | None = None, **kw: Any
     ) -> Tensor:
-        """Samples from noise ``x0`` with this module's sampling settings (overridable by keyword)."""
-        return generate(
+        """Samples from noise ``x0`` with the objective's sampler and this module's settings (overridable
+        by keyword); :meth:`nfe` says what it costs."""
+        return self.objective.sample(
             self.model,
             x0,
             cond,
@@ -252,6 +257,12 @@ class RectifiedFlow(pl.LightningModule):
             shift=kw.get("shift", self.sample_shift),
             cfg_scale=kw.get("cfg_scale", self.cfg_scale),
         )
+
+    def nfe(self, num_steps: int | None = None, conditional: bool = False, **kw: Any) -> int:
+        """Network evaluations per sample of :meth:`sample` with these settings (doubled by guidance)."""
+        cfg = kw.get("cfg_scale", self.cfg_scale)
+        nfe = self.objective.nfe(kw.get("solver", self.sample_solver), num_steps or self.sample_steps)
+        return nfe * (2 if conditional and cfg != 1.0 else 1)
 
     # ------------------------------------------------------------------ optimisation & checkpoints
 
@@ -263,7 +274,9 @@ class RectifiedFlow(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        parallelize(self.model, sharding_mesh(self), self.activation_checkpointing, self.compile_blocks)
+        mesh = sharding_mesh(self)
+        self.objective.setup(self.model, sharded=mesh is not None)  # refuses what it cannot train, before any step
+        parallelize(self.model, mesh, self.activation_checkpointing, self.compile_blocks)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.model.parameters())

@@ -12,22 +12,24 @@ __all__ = ["generate", "guided_velocity"]
 
 
 def guided_velocity(model: VelocityModel, cond: Cond, cfg_scale: float = 1.0) -> VelocityFn:
-    """``v(x, t)`` for a fixed condition, with classifier-free guidance (Ho & Salimans 2022)::
+    """``v(x, t, r=None)`` for a fixed condition, with classifier-free guidance (Ho & Salimans 2022)::
 
         v = v(x, t, null) + s (v(x, t, cond) - v(x, t, null))
 
     ``s = 1`` (or no condition) is the plain conditional model and costs one evaluation; otherwise
-    the conditional and null halves run as one doubled batch.
+    the conditional and null halves run as one doubled batch. ``r`` is the model's optional second
+    time (an interval for jumping samplers, :mod:`rfkit.objectives`), passed through.
     """
     cond = dict(cond)
     if cfg_scale == 1.0 or not cond:
-        return lambda x, t: model(x, t, cond)
+        return lambda x, t, r=None: model(x, t, cond) if r is None else model(x, t, cond, r)
     n = next(iter(cond.values())).shape[0]
     null = model.drop_condition(cond, torch.ones(n, dtype=torch.bool, device=next(iter(cond.values())).device))
     both = {k: torch.cat([cond[k], null[k]]) for k in cond}
 
-    def v(x: Tensor, t: Tensor) -> Tensor:
-        v_cond, v_null = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    def v(x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
+        args = (torch.cat([x, x]), torch.cat([t, t]), both) + (() if r is None else (torch.cat([r, r]),))
+        v_cond, v_null = model(*args).chunk(2)
         return v_null + cfg_scale * (v_cond - v_null)
 
     return v

@@ -4,7 +4,7 @@ Each check exercises the rules every implementation of an axis must keep (docs/d
 ``AssertionError`` naming the plugin and the rule it broke, so it works with plain ``assert``-style
 test runners and with pytest alike::
 
-    from rfkit.testing import check_coupling, check_sampler
+    from rfkit.testing import check_coupling, check_objective, check_sampler
 
     def test_my_sampler():
         check_sampler(MySampler(k=3))
@@ -28,12 +28,15 @@ import torch
 from scipy import integrate, stats
 from torch import Tensor
 
-from rfkit.couplings import Coupling
-from rfkit.solvers import Solver, time_grid
-from rfkit.timesteps import TimestepSampler
+from rfkit.couplings import Coupling, MinibatchOT
+from rfkit.draws import RowDraws
+from rfkit.models import MLP
+from rfkit.objectives import Objective
+from rfkit.solvers import Euler, Solver, time_grid
+from rfkit.timesteps import TimestepSampler, Uniform
 from rfkit.weightings import LossWeighting
 
-__all__ = ["check_coupling", "check_sampler", "check_solver", "check_weighting"]
+__all__ = ["check_coupling", "check_objective", "check_sampler", "check_solver", "check_weighting"]
 
 
 def _require(ok: bool, plugin: object, rule: str) -> None:
@@ -325,3 +328,83 @@ def check_solver(solver: Solver, *, order: int | None = None) -> None:
         solver,
         f"claimed order {order}, measured {measured:.2f} (errors {errors[0]:.2e} at 16 steps, {errors[1]:.2e} at 32)",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives
+# --------------------------------------------------------------------------------------------
+
+
+def check_objective(objective: Objective, *, n: int = 32, seed: int = 0) -> None:
+    """Check a :class:`~rfkit.objectives.Objective` on a small class-conditional MLP with a second time.
+
+    Rules: ``setup`` accepts the model; ``loss`` returns a per-sample loss and timesteps, both (n,),
+    finite, the loss >= 0 with a gradient that reaches the weights finitely and the timesteps in
+    [0, 1]; the step's ``draws`` alone decide it (the same draws give the same loss, torch's global
+    RNG is untouched), with and without label dropout, with a minibatch-OT coupling; given fixed
+    ``t``, it returns those t; ``sample`` returns ``x0``'s shape and dtype, finite, with exactly
+    ``nfe(solver, steps)`` network evaluations, without modifying ``x0``.
+    """
+    _require(isinstance(objective, Objective), objective, "it must subclass rfkit.objectives.Objective")
+    torch.manual_seed(seed)
+    model = MLP(dim=2, width=16, depth=2, num_classes=3, second_time=True)
+    for p in model.parameters():  # a second-time embedding that matters
+        torch.nn.init.normal_(p, std=0.3)
+    objective.setup(model)
+    g = _gen(seed)
+    batch = {"latent": torch.randn(n, 2, generator=g) + 2, "cls": torch.randint(0, 3, (n,), generator=g)}
+    axes = {"coupling": MinibatchOT(), "timesteps": Uniform()}
+    for dropout in (0.0, 0.5):
+        out = _rng_untouched(
+            objective, lambda d=dropout: objective.loss(model, batch, RowDraws(seed, 0, n), cond_dropout=d, **axes)
+        )
+        _require(isinstance(out, tuple) and len(out) == 2, objective, "loss must return (per_sample, t)")
+        per, t = out
+        _require(
+            per.shape == (n,) and t.shape == (n,),
+            objective,
+            f"per_sample and t must be ({n},), got {tuple(per.shape)}, {tuple(t.shape)}",
+        )
+        _require(
+            bool(torch.isfinite(per).all()) and bool((per >= 0).all()), objective, "the loss must be finite and >= 0"
+        )
+        _require(bool(((t >= 0) & (t <= 1)).all()), objective, "timesteps must lie in [0, 1]")
+        again, _ = objective.loss(model, batch, RowDraws(seed, 0, n), cond_dropout=dropout, **axes)
+        _require(torch.equal(per.detach(), again.detach()), objective, "the same draws must give the same loss")
+        model.zero_grad()
+        per.mean().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        _require(
+            bool(grads) and all(bool(torch.isfinite(x).all()) for x in grads),
+            objective,
+            "the loss must have finite gradients on the weights",
+        )
+    fixed = torch.linspace(0.05, 0.95, n)
+    per, t = objective.loss(model, batch, RowDraws(seed, 0, n), t=fixed, **axes)
+    _require(torch.equal(t, fixed), objective, "given fixed t, loss must return those t")
+    _require(per.shape == (n,) and bool(torch.isfinite(per).all()), objective, "the fixed-t loss must be finite, (n,)")
+
+    calls = 0
+
+    def count(*_):
+        nonlocal calls
+        calls += 1
+
+    handle = model.register_forward_hook(count)
+    x0 = torch.randn(8, 2, generator=g)
+    kept = x0.clone()
+    try:
+        for steps in (1, 3):
+            calls = 0
+            with torch.no_grad():
+                x1 = objective.sample(model, x0, {"cls": torch.arange(8) % 3}, solver=Euler(), num_steps=steps)
+            _require(torch.equal(x0, kept), objective, "sample modified x0 in place")
+            _require(x1.shape == x0.shape and x1.dtype == x0.dtype, objective, "samples must have x0's shape and dtype")
+            _require(bool(torch.isfinite(x1).all()), objective, "samples must be finite")
+            _require(
+                calls == objective.nfe(Euler(), steps),
+                objective,
+                f"nfe(Euler(), {steps}) = {objective.nfe(Euler(), steps)}, but sample made {calls} network calls",
+            )
+    finally:
+        handle.remove()

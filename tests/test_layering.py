@@ -10,7 +10,10 @@ import pytest
 HEAVY = ("lightning", "pytorch_lightning", "webdataset", "wandb", "jsonargparse", "torchmetrics", "PIL")
 
 
-CORE = "rfkit.timesteps rfkit.couplings rfkit.weightings rfkit.paths rfkit.solvers rfkit.diagnostics rfkit.draws"
+CORE = (
+    "rfkit.timesteps rfkit.couplings rfkit.weightings rfkit.paths rfkit.solvers rfkit.diagnostics rfkit.draws "
+    "rfkit.objectives"
+)
 
 
 @pytest.mark.parametrize("modules", ["rfkit", CORE])

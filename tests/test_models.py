@@ -121,3 +121,57 @@ def test_mlp_is_torchcfm_network():
         3,
         2,
     ]
+
+
+SECOND_TIME = {
+    "MLP": (lambda st: MLP(dim=3, width=16, num_classes=4, second_time=st), (5, 3), {"cls": torch.arange(5) % 4}),
+    "DiT": (lambda st: small_dit(second_time=st), (5, 2, 8, 8), {"cls": torch.arange(5)}),
+    "MMDiT": (
+        lambda st: MMDiT(
+            in_channels=2, input_size=8, text_dim=12, pooled_dim=6, width=32, depth=1, heads=4, second_time=st
+        ),
+        (5, 2, 8, 8),
+        {"text": torch.randn(5, 3, 12), "pooled": torch.randn(5, 6)},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SECOND_TIME)
+def test_second_time_starts_ignored_and_a_flow_matching_checkpoint_initialises_it(name, tmp_path):
+    make, shape, cond = SECOND_TIME[name]
+    plain = make(False)
+    randomise(plain)
+    assert not any("r_embed" in k for k in plain.state_dict())
+    x, t, r = torch.randn(shape), torch.rand(5), torch.rand(5)
+    with pytest.raises(ValueError, match="second_time=True"):
+        plain(x, t, cond, r)
+    # a flow-matching run's checkpoint, loaded the way InitFromCheckpoint does (rfkit fit writes this layout)
+    from types import SimpleNamespace
+
+    from rfkit.callbacks import InitFromCheckpoint
+
+    path = tmp_path / "fm.ckpt"
+    state = {f"model.{k}": v for k, v in plain.state_dict().items()}
+    torch.save({"rfkit": {}, "state_dict": state, "hyper_parameters": {"model": {}}}, path)
+    second = make(True)
+    InitFromCheckpoint(str(path)).on_fit_start(
+        SimpleNamespace(ckpt_path=None, global_step=0), SimpleNamespace(model=second)
+    )
+    v = plain(x, t, cond)
+    assert torch.equal(second(x, t, cond), v) and torch.equal(second(x, t, cond, r), v)
+    assert torch.equal(second(x, t, cond, torch.zeros(5)), v)
+    # the embedding is wired in: once its output layer moves, r changes the output, and None means r = 0
+    randomise(second, seed=3)
+    assert not torch.allclose(second(x, t, cond, r), second(x, t, cond))
+    torch.testing.assert_close(second(x, t, cond, torch.zeros(5)), second(x, t, cond))
+    # a checkpoint that does not fit is still refused
+    broken = {
+        k: v
+        for k, v in state.items()
+        if "r_embed" not in k and not k.endswith("inp.weight") and "patches.embed.weight" not in k
+    }
+    torch.save({"rfkit": {}, "state_dict": broken, "hyper_parameters": {"model": {}}}, path)
+    with pytest.raises(ValueError, match="does not fit"):
+        InitFromCheckpoint(str(path)).on_fit_start(
+            SimpleNamespace(ckpt_path=None, global_step=0), SimpleNamespace(model=make(True))
+        )

@@ -7,12 +7,13 @@ import inspect
 import pytest
 
 import rfkit.couplings
+import rfkit.objectives
 import rfkit.solvers
 import rfkit.timesteps
 import rfkit.weightings
 from rfkit.plugin import Plugin
 
-MODULES = (rfkit.timesteps, rfkit.couplings, rfkit.weightings, rfkit.solvers)
+MODULES = (rfkit.timesteps, rfkit.couplings, rfkit.weightings, rfkit.solvers, rfkit.objectives)
 BUILT_INS = sorted(
     (
         cls
@@ -34,6 +35,7 @@ ARGUMENTS = {
     "Constant": {"value": 2.0},
     "SigmaSqrt": {"max_weight": 50.0},
     "MinSNR": {"gamma": 3.0},
+    "MeanFlow": {"ratio": 0.5, "power": 0.5, "eps": 0.01, "guidance": 2.0, "guidance_mix": 0.5},
     "DensityWeighting": {"sampler": rfkit.timesteps.ModeSampler(1.1)},
 }
 

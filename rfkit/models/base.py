@@ -23,10 +23,18 @@ class VelocityModel(nn.Module, ABC):
     latent_shape: tuple[int, ...]
     cond_keys: tuple[str, ...] = ()
     """The conditioning keys ``forward`` requires (empty for an unconditional model)."""
+    second_time: bool = False
+    """Whether ``forward`` reads the second time ``r`` (built with ``second_time=True``)."""
 
     @abstractmethod
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        """Velocity at ``x`` (B, *latent_shape) and ``t`` (B,) in [0, 1]; returns (B, *latent_shape)."""
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, r: Tensor | None = None) -> Tensor:
+        """Velocity at ``x`` (B, *latent_shape) and ``t`` (B,) in [0, 1]; returns (B, *latent_shape).
+
+        ``r`` (B,): an optional second time, fed through a zero-initialised embedding so that a new
+        model, or one initialised from a flow-matching checkpoint, ignores it until trained. The
+        objectives of :mod:`rfkit.objectives` pass an interval length (MeanFlow's ``r - t``, the
+        shortcut's step size d), so None and 0 both mean the instantaneous velocity.
+        """
 
     def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
         """Replace the condition of rows where ``drop`` (B,) bool is True by the null condition.
@@ -35,6 +43,14 @@ class VelocityModel(nn.Module, ABC):
         """
         del drop
         return dict(cond)
+
+    def check_second_time(self, r: Tensor | None) -> None:
+        """Refuse ``r`` on a model built without a second-time embedding (it would be ignored silently)."""
+        if r is not None and not self.second_time:
+            raise ValueError(
+                f"{type(self).__name__} was given a second time r but was built without one: "
+                "construct it with second_time=True (model.model.init_args.second_time: true)"
+            )
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
         """Tokens the model sees for one latent of this shape (drives resolution-dependent shifts)."""

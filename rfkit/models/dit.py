@@ -11,7 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from rfkit.models.base import Cond, VelocityModel
-from rfkit.models.layers import FinalLayer, Patches, Stream, TimestepEmbedder, attend
+from rfkit.models.layers import (
+    FinalLayer,
+    Patches,
+    Stream,
+    TimestepEmbedder,
+    add_second_time,
+    attend,
+    second_time_embedder,
+)
 
 
 class DiTBlock(nn.Module):
@@ -39,6 +47,8 @@ class DiT(VelocityModel):
         num_classes: 0 for an unconditional model; else labels 0..num_classes-1, plus the null
             label ``num_classes`` that classifier-free guidance drops to.
         qk_norm: RMSNorm on queries and keys.
+        second_time: accept a second time ``r`` (MeanFlow, shortcut), through a zero-initialised
+            embedding added to the t embedding (see :meth:`VelocityModel.forward`).
     """
 
     def __init__(
@@ -52,6 +62,7 @@ class DiT(VelocityModel):
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
         qk_norm: bool = True,
+        second_time: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -61,13 +72,16 @@ class DiT(VelocityModel):
         self.cond_keys = ("cls",) if num_classes > 0 else ()
         self.patches = Patches(in_channels, patch_size, width)
         self.t_embed = TimestepEmbedder(width)
+        self.second_time = second_time
+        self.r_embed = second_time_embedder(width) if second_time else None
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final = FinalLayer(width, in_channels * patch_size**2)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, r: Tensor | None = None) -> Tensor:
+        self.check_second_time(r)
         tokens = self.patches(x)  # (B, N, D)
-        c = self.t_embed(t)  # (B, D)
+        c = add_second_time(self.t_embed(t), self.r_embed, r)  # (B, D)
         if self.y_embed is not None:
             if "cls" not in cond:
                 raise ValueError(f"DiT(num_classes={self.num_classes}) needs class labels: the batch has no 'cls'")

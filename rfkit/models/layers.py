@@ -24,8 +24,9 @@ def sinusoidal(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     tuned on (they feed timesteps in [0, 1000]).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)  # float32, or float64 for float64 t (exact derivative checks)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = 1000.0 * t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
 
@@ -40,6 +41,26 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         return self.mlp(sinusoidal(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+def second_time_embedder(width: int) -> TimestepEmbedder:
+    """The embedding of a model's second time ``r`` (B,) -> (B, D), added to the t embedding.
+
+    Its output layer starts at zero, so the model starts as if it had no second time: a
+    flow-matching checkpoint loaded into it (the missing weights keep this init) gives the same
+    velocity for every r until training moves them.
+    """
+    embed = TimestepEmbedder(width)
+    nn.init.zeros_(embed.mlp[-1].weight)
+    nn.init.zeros_(embed.mlp[-1].bias)
+    return embed
+
+
+def add_second_time(c: Tensor, embed: nn.Module | None, r: Tensor | None) -> Tensor:
+    """``c + embed(r)``: r = None is r = 0 (the instantaneous velocity, see VelocityModel.forward)."""
+    if embed is None:
+        return c
+    return c + embed(r if r is not None else torch.zeros(c.shape[0], device=c.device))
 
 
 def sincos_2d(dim: int, h: int, w: int, device=None) -> Tensor:

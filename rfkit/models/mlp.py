@@ -21,9 +21,13 @@ class MLP(VelocityModel):
         depth: hidden layers.
         num_classes: 0 for unconditional; else a learned class embedding (with a null label
             ``num_classes`` for guidance) is added to the first hidden layer.
+        second_time: accept a second time ``r``: one more input column, ``v([x, t, r])``, whose
+            weights start at zero (so the network starts as ``v([x, t])``).
     """
 
-    def __init__(self, dim: int = 2, width: int = 64, depth: int = 3, num_classes: int = 0) -> None:
+    def __init__(
+        self, dim: int = 2, width: int = 64, depth: int = 3, num_classes: int = 0, second_time: bool = False
+    ) -> None:
         super().__init__()
         self.latent_shape = (dim,)
         self.num_classes = num_classes
@@ -34,9 +38,16 @@ class MLP(VelocityModel):
             hidden += [nn.SELU(), nn.Linear(width, width)]
         self.body = nn.Sequential(*hidden, nn.SELU(), nn.Linear(width, dim))
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+        self.second_time = second_time
+        self.r_embed = nn.Linear(1, width, bias=False) if second_time else None
+        if self.r_embed is not None:
+            nn.init.zeros_(self.r_embed.weight)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, r: Tensor | None = None) -> Tensor:
+        self.check_second_time(r)
         h = self.inp(torch.cat([x, t[:, None].to(x.dtype)], dim=-1))  # (B, width)
+        if self.r_embed is not None and r is not None:  # r = None is r = 0 here too
+            h = h + self.r_embed(r[:, None].to(x.dtype))
         if self.y_embed is not None:
             h = h + self.y_embed(cond["cls"])
         return self.body(h)

@@ -13,7 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from rfkit.models.base import Cond, VelocityModel
-from rfkit.models.layers import FinalLayer, Patches, Stream, TimestepEmbedder, attend
+from rfkit.models.layers import (
+    FinalLayer,
+    Patches,
+    Stream,
+    TimestepEmbedder,
+    add_second_time,
+    attend,
+    second_time_embedder,
+)
 
 
 class JointBlock(nn.Module):
@@ -41,6 +49,8 @@ class MMDiT(VelocityModel):
         text_dim: width of the per-token text embeddings (B, L, text_dim).
         pooled_dim: width of the pooled text vector (B, pooled_dim).
         width, depth, heads, mlp_ratio, qk_norm: transformer size; SD3 ties width = 64 * depth.
+        second_time: accept a second time ``r`` (MeanFlow, shortcut), through a zero-initialised
+            embedding added to the t embedding (see :meth:`VelocityModel.forward`).
     """
 
     def __init__(
@@ -55,6 +65,7 @@ class MMDiT(VelocityModel):
         heads: int = 6,
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
+        second_time: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -64,17 +75,21 @@ class MMDiT(VelocityModel):
         self.patches = Patches(in_channels, patch_size, width)
         self.context_embed = nn.Linear(text_dim, width)
         self.t_embed = TimestepEmbedder(width)
+        self.second_time = second_time
+        self.r_embed = second_time_embedder(width) if second_time else None
         self.pooled_embed = nn.Sequential(nn.Linear(pooled_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.blocks = nn.ModuleList(JointBlock(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final = FinalLayer(width, in_channels * patch_size**2)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Cond, r: Tensor | None = None) -> Tensor:
+        self.check_second_time(r)
         missing = set(self.cond_keys) - set(cond)
         if missing:
             raise ValueError(f"MMDiT needs text conditioning; the batch lacks {sorted(missing)}")
         tokens = self.patches(x)  # (B, N, D)
         ctx = self.context_embed(cond["text"].to(tokens.dtype))  # (B, L, D)
         c = self.t_embed(t) + self.pooled_embed(cond["pooled"].to(tokens.dtype))  # (B, D)
+        c = add_second_time(c, self.r_embed, r)
         for block in self.blocks:
             ctx, tokens = block(ctx, tokens, c)
         return self.patches.unpatchify(self.final(tokens, c), like=x)

@@ -1,0 +1,224 @@
+"""Objectives (rfkit.objectives) against independent computations: flow matching trains exactly as the
+loss did before it moved out of the module; MeanFlow's target against finite differences and a
+closed form; the shortcut's consistency target against two half Euler steps."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from rfkit.couplings import MinibatchOT
+from rfkit.draws import RowDraws
+from rfkit.models import MLP, DiT, VelocityModel
+from rfkit.module import RectifiedFlow
+from rfkit.objectives import FlowMatching, MeanFlow
+from rfkit.testing import check_objective
+from rfkit.timesteps import LogitNormal, Uniform
+from rfkit.weightings import MinSNR
+
+
+def tiny_dit(**kw) -> DiT:
+    return DiT(in_channels=1, input_size=4, patch_size=2, width=16, depth=1, heads=2, **kw)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
+    """Every weight random (DiT's zero-initialised gates and outputs would make v = 0 and every check trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# FlowMatching: the loss that used to live in RectifiedFlow.velocity_loss, bit for bit
+# --------------------------------------------------------------------------------------------
+
+
+def reference_loss(model, batch, draws, coupling, timesteps, cond_dropout):
+    """The pre-objective ``RectifiedFlow.velocity_loss``, restated: noise, coupling, t, label drops, in this order."""
+    x1 = batch["latent"]
+    cond = {"cls": batch["cls"]}
+    x0 = draws.normal(tuple(x1.shape[1:]), x1.dtype)
+    x0, x1 = coupling(x0, x1, noise=None, generator=draws.shared(), cond=cond)
+    sampler = timesteps.for_tokens(model.num_tokens(tuple(x1.shape[1:])))
+    t = draws.rows(lambda k, g: sampler(k, device=draws.device, generator=g))
+    cond = model.drop_condition(cond, draws.uniform() < cond_dropout)
+    x_t = x0 + t[:, None, None, None] * (x1 - x0)  # rounded as rfkit.paths writes it
+    v = model(x_t, t, cond)
+    return (v.float() - (x1 - x0).float()).pow(2).flatten(1).mean(1), t
+
+
+def test_flow_matching_trains_bit_identically_to_the_loss_it_replaced():
+    torch.manual_seed(0)
+    batches = [{"latent": torch.randn(16, 1, 4, 4), "cls": torch.randint(0, 3, (16,))} for _ in range(3)]
+    model = randomize(tiny_dit(num_classes=3), scale=0.1)
+    reference = copy.deepcopy(model)
+    axes = {"coupling": MinibatchOT(), "timesteps": LogitNormal(), "weighting": MinSNR()}
+    module = RectifiedFlow(model, cond_dropout=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **axes)
+    module.noise_seed = 7
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step, batch in enumerate(batches):
+        draws = RowDraws.for_step(7, step, 0, 0, 1, 16)
+        per, t = reference_loss(reference, batch, draws, axes["coupling"], axes["timesteps"], 0.5)
+        sgd.zero_grad()
+        (MinSNR()(t) * per).mean().backward()
+        sgd.step()
+    for (name, a), b in zip(module.model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(
+        module.model.final.proj.weight, randomize(tiny_dit(num_classes=3), scale=0.1).final.proj.weight
+    )
+
+
+def test_builtin_objectives_keep_the_contract():
+    check_objective(FlowMatching())
+    check_objective(MeanFlow())
+    check_objective(MeanFlow(ratio=1.0, power=0.5, guidance=2.0))
+
+
+class GlobalRNG(FlowMatching):
+    """Draws its timesteps from torch's global RNG instead of the step's draws."""
+
+    def loss(self, model, batch, draws, **kw):
+        per, t = super().loss(model, batch, draws, **kw)
+        return per * (1 + 0 * torch.rand(())), t
+
+
+class WrongNFE(FlowMatching):
+    def nfe(self, solver, num_steps):
+        return num_steps + 1
+
+
+@pytest.mark.parametrize(("broken", "rule"), [(GlobalRNG(), "global RNG"), (WrongNFE(), "network calls")])
+def test_broken_objectives_are_caught(broken, rule):
+    with pytest.raises(AssertionError, match=rule):
+        check_objective(broken)
+
+
+# --------------------------------------------------------------------------------------------
+# MeanFlow
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: MLP(dim=3, width=16, second_time=True), lambda: tiny_dit(second_time=True)])
+def test_meanflow_target_is_v_plus_h_times_the_finite_difference_total_derivative(make):
+    model = randomize(make()).double()
+    n = 6
+    shape = model.latent_shape if len(model.latent_shape) == 1 else (1, 4, 4)
+    g = torch.Generator().manual_seed(1)
+    z, v = torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g)
+    t, h = torch.rand(n, generator=g) * 0.5, torch.rand(n, generator=g) * 0.5
+    u, target = MeanFlow().target(model, z.double(), t.double(), h.double(), v.double(), {})
+    # d/dt of u(z_t, r, t) with r fixed: z moves with v, t by +1, so h = r - t by -1
+    eps = 1e-7  # in float64; t enters as sin(1000 t f), so a wider difference is not accurate enough
+    zd, vd, td, hd = z.double(), v.double(), t.double(), h.double()
+    plus = model(zd + eps * vd, td + eps, {}, hd - eps)
+    minus = model(zd - eps * vd, td - eps, {}, hd + eps)
+    dudt = (plus - minus) / (2 * eps)
+    expected = vd + h.double().reshape(-1, *[1] * len(shape)) * dudt
+    torch.testing.assert_close(u, model(zd, td, {}, hd))
+    torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-6)
+    assert not target.requires_grad and u.requires_grad
+    # the sign of the h tangent matters: the other sign gives another target
+    wrong = vd + h.double().reshape(-1, *[1] * len(shape)) * (
+        (model(zd + eps * vd, td + eps, {}, hd + eps) - model(zd - eps * vd, td - eps, {}, hd - eps)) / (2 * eps)
+    )
+    assert (target.double() - wrong).abs().max() > 1e-3
+
+
+class GaussianFlow(VelocityModel):
+    """The exact average velocity of N(0, I) -> N(m, s^2 I) under the independent coupling.
+
+    z_t ~ N(t m, sigma_t^2 I) with sigma_t^2 = (1 - t)^2 + t^2 s^2, and the flow keeps the standardised
+    point: z_r = r m + sigma_r (z_t - t m) / sigma_t. So u(z, r, t) = (z_r - z_t) / (r - t) and, at r = t,
+    v(z, t) = m + sigma_t' (z - t m) / sigma_t with sigma_t' = (t s^2 - (1 - t)) / sigma_t.
+    """
+
+    second_time = True
+
+    def __init__(self, m: Tensor, s: float) -> None:
+        super().__init__()
+        self.latent_shape, self.m, self.s = tuple(m.shape), m, s
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return ((1 - t) ** 2 + t**2 * self.s**2).sqrt()[:, None]
+
+    def velocity(self, z: Tensor, t: Tensor) -> Tensor:
+        d_sigma = (t[:, None] * self.s**2 - (1 - t[:, None])) / self.sigma(t)
+        return self.m + d_sigma * (z - t[:, None] * self.m) / self.sigma(t)
+
+    def forward(self, z, t, cond, r=None):
+        h = torch.zeros_like(t) if r is None else r
+        end = t + h
+        z_end = end[:, None] * self.m + self.sigma(end) * (z - t[:, None] * self.m) / self.sigma(t)
+        average = (z_end - z) / torch.where(h == 0, 1.0, h)[:, None]
+        return torch.where((h == 0)[:, None], self.velocity(z, t), average)
+
+
+def test_meanflow_target_is_the_exact_average_velocity_when_the_model_is_exact():
+    exact = GaussianFlow(torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64), s=0.5)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(64, generator=g, dtype=torch.float64) * 0.6
+    h = torch.rand(64, generator=g, dtype=torch.float64) * (1 - t)
+    h[:8] = 0  # r = t rows: u = v
+    u, target = MeanFlow().target(exact, z, t, h, exact.velocity(z, t), {})
+    # with the marginal velocity in place of x1 - x0, the identity's right side is u itself
+    torch.testing.assert_close(target.double(), exact(z, t, {}, h), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u.double()[:8], exact.velocity(z, t)[:8], rtol=1e-6, atol=1e-6)
+    # and one jump with the exact u lands where the flow does: the data distribution's quantile map
+    x0 = torch.randn(4096, 3, generator=g, dtype=torch.float64)
+    x1 = MeanFlow().sample(exact, x0, num_steps=1)
+    torch.testing.assert_close(x1, exact.m + 0.5 * x0)
+
+
+def test_meanflow_rows_with_r_equal_t_are_flow_matching():
+    model = randomize(tiny_dit(second_time=True))
+    batch = {"latent": torch.randn(8, 1, 4, 4)}
+    kw = {"coupling": MinibatchOT(), "timesteps": Uniform()}
+    fm, t_fm = FlowMatching().loss(model, batch, RowDraws(3, 0, 8), **kw)
+    mf, t_mf = MeanFlow(ratio=0.0, power=0.0).loss(model, batch, RowDraws(3, 0, 8), **kw)
+    assert torch.equal(t_fm, t_mf)
+    torch.testing.assert_close(mf, fm, rtol=1e-5, atol=1e-6)
+    # the adaptive weight: delta / (delta + c)^p
+    mf_w, _ = MeanFlow(ratio=0.0, power=1.0, eps=0.01).loss(model, batch, RowDraws(3, 0, 8), **kw)
+    torch.testing.assert_close(mf_w, fm / (fm + 0.01), rtol=1e-5, atol=1e-6)
+
+
+def test_meanflow_draws_intervals_forward_on_the_configured_fraction():
+    model = MLP(dim=2, second_time=True)
+    pairs_t = []
+    objective = MeanFlow(ratio=0.25)
+    from rfkit.objectives import draw_pairs
+
+    draws = RowDraws(0, 0, 4000)
+    pairs = draw_pairs(model, {"latent": torch.randn(4000, 2)}, draws, MinibatchOT(method="exact"), Uniform())
+    before = pairs.t.clone()
+    h = objective.draw_intervals(pairs, draws, Uniform(), model)
+    pairs_t.append(pairs.t)
+    assert bool((h >= 0).all()) and bool((pairs.t + h <= 1).all())
+    assert abs(float((h > 0).float().mean()) - 0.25) < 0.03
+    assert torch.equal(pairs.t[h == 0], before[h == 0])  # r = t rows keep their t
+
+
+def test_meanflow_refuses_dropout_fsdp_and_a_model_without_a_second_time():
+    with pytest.raises(ValueError, match="second_time"):
+        MeanFlow().setup(MLP(dim=2))
+    with pytest.raises(ValueError, match="FSDP2"):
+        MeanFlow().setup(MLP(dim=2, second_time=True), sharded=True)
+    dropping = MLP(dim=2, second_time=True)
+    dropping.body.insert(0, torch.nn.Dropout(0.1))
+    with pytest.raises(ValueError, match="dropout"):
+        MeanFlow().setup(dropping)
+    with pytest.raises(ValueError, match="ratio"):
+        MeanFlow(ratio=1.5)

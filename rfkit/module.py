@@ -275,7 +275,13 @@ class RectifiedFlow(pl.LightningModule):
             return
         self._configured = True
         mesh = sharding_mesh(self)
-        self.objective.setup(self.model, sharded=mesh is not None)  # refuses what it cannot train, before any step
+        # the objective refuses what it cannot train, before any step
+        self.objective.setup(
+            self.model,
+            sharded=mesh is not None,
+            activation_checkpointing=self.activation_checkpointing,
+            compile=self.compile_blocks,
+        )
         parallelize(self.model, mesh, self.activation_checkpointing, self.compile_blocks)
 
     def configure_optimizers(self) -> Any:

@@ -98,9 +98,17 @@ class Objective(Plugin, ABC):
 
     needs_second_time: bool = False
 
-    def setup(self, model: VelocityModel, *, sharded: bool = False) -> None:
+    def setup(
+        self,
+        model: VelocityModel,
+        *,
+        sharded: bool = False,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+    ) -> None:
         """Refuse, at the start of a run, what this objective cannot train: raise ValueError saying why
-        and what to change. ``sharded``: the model is sharded with FSDP2."""
+        and what to change. The flags say how the module transforms the model: sharded with FSDP2,
+        blocks recomputed in backward, blocks compiled (:func:`rfkit.parallel.parallelize`)."""
         if self.needs_second_time and not getattr(model, "second_time", False):
             raise ValueError(
                 f"{self!r} conditions the model on a second time (interval length), and "
@@ -225,11 +233,11 @@ class MeanFlow(Objective):
 
     **Forward mode.** The JVP runs on the math SDPA kernel (flash and memory-efficient attention
     have no forward-mode derivative), in fp32 with autocast off (bf16 tangents are too coarse for a
-    regression target), on the unwrapped model (a DDP wrapper's forward hooks do not compose with
-    torch.func; rfkit's module calls the inner model anyway). Models with active dropout are refused
-    (the primal and tangent passes would need one mask). FSDP2 is refused at start: its per-block
-    parameter all-gathers run in forward hooks on DTensors, which ``torch.func.jvp`` does not
-    transform; train MeanFlow with DDP (strategy: ddp).
+    regression target), on the unwrapped model (``torch.func.jvp`` through a DDP wrapper skips its
+    gradient synchronisation; rfkit's module calls the inner model, and DDP and FSDP2 runs train like
+    one process on the global batch, tested on 2 ranks). Refused at start: active dropout (the primal
+    and tangent passes would need one mask), activation checkpointing (its recomputation in backward
+    drops the forward-mode tangents) and ``compile`` (not verified with the JVP).
 
     **Composition.** (r, t) are the sorted pair of two draws from the run's timestep sampler (the
     paper's best: LogitNormal(loc=-0.4, scale=1.0), in rfkit's sigma-side parameters, which are the
@@ -268,14 +276,19 @@ class MeanFlow(Objective):
         self.ratio, self.power, self.eps = ratio, power, eps
         self.guidance, self.guidance_mix = guidance, guidance_mix
 
-    def setup(self, model, *, sharded=False):
+    def setup(self, model, *, sharded=False, activation_checkpointing=False, compile=False):
         super().setup(model, sharded=sharded)
         refuse_dropout(self, model)
-        if sharded:
+        if activation_checkpointing or compile:
             raise ValueError(
-                "MeanFlow needs a forward-mode JVP (torch.func.jvp) through the model, and FSDP2's sharded "
-                "parameters are gathered in forward hooks that torch.func does not transform: train MeanFlow "
-                "with strategy: ddp (a full replica per rank), or use objective: FlowMatching / Shortcut under FSDP2"
+                "MeanFlow's forward-mode JVP does not go through "
+                + (
+                    "activation checkpointing (its recomputation in backward runs without the forward-mode "
+                    "tangents and fails)"
+                    if activation_checkpointing
+                    else "torch.compile (not verified with torch.func.jvp)"
+                )
+                + ": set model.activation_checkpointing: false and model.compile: false"
             )
 
     def draw_intervals(self, pairs: Pairs, draws: RowDraws, timesteps: TimestepSampler, model) -> Tensor:

@@ -9,7 +9,7 @@ at what cost (:meth:`Objective.nfe`).
 
 * :class:`FlowMatching`: the rectified-flow velocity loss ``||v_theta(z_t, t) - v||^2``.
 * :class:`MeanFlow`: the average velocity over an interval, for one- and few-step jumps (Geng et al. 2025).
-* :class:`Shortcut`: the velocity of a step of size d, self-consistent across step sizes (Frans et al. 2024).
+* :class:`Shortcut`: the slope of a step of size d, self-consistent across step sizes (Frans et al. 2024).
 
 MeanFlow and Shortcut feed the models' second time input ``r`` (``VelocityModel.forward(x, t, cond, r)``)
 with an interval *length* (``r - t`` or the step size d), so ``r = 0`` (or None) is the instantaneous
@@ -19,9 +19,13 @@ starting point for either, and generic code that asks for ``v(x, t)`` (diagnosti
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +40,7 @@ from rfkit.sampling import generate, guided_velocity
 from rfkit.solvers import Euler, Solver, time_grid
 from rfkit.timesteps import TimestepSampler
 
-__all__ = ["COND_KEYS", "FlowMatching", "MeanFlow", "Objective", "Pairs", "draw_pairs"]
+__all__ = ["COND_KEYS", "FlowMatching", "MeanFlow", "Objective", "Pairs", "Shortcut", "draw_pairs"]
 
 COND_KEYS = ("cls", "text", "pooled")
 """Batch keys passed to the model as conditioning (see :data:`rfkit.models.Cond`)."""
@@ -184,15 +188,24 @@ class FlowMatching(Objective):
 # --------------------------------------------------------------------------------------------
 
 
-def jump(model: VelocityModel, x0: Tensor, cond: Cond | None, num_steps: int, shift: float, cfg_scale: float) -> Tensor:
-    """``num_steps`` jumps on the grid ``t_0 = 0 < ... < t_K = 1``: ``z += (t_{k+1} - t_k) f(z, t_k, h)`` with
-    the interval ``h = t_{k+1} - t_k`` as the model's second time; K network evaluations (2K under guidance)."""
+def jump(
+    model: VelocityModel,
+    x0: Tensor,
+    cond: Cond | None,
+    num_steps: int,
+    shift: float = 1.0,
+    cfg_scale: float = 1.0,
+    step_input: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``num_steps`` jumps on the grid ``t_0 = 0 < ... < t_K = 1``: ``z += h f(z, t_k, h)`` with the interval
+    ``h = t_{k+1} - t_k`` (through ``step_input``, if given) as the model's second time; K network
+    evaluations (2K under guidance)."""
     velocity = guided_velocity(model, cond or {}, cfg_scale)
     grid = time_grid(num_steps, shift, device=x0.device)
     z, n = x0, x0.shape[0]
     for t0, t1 in itertools.pairwise(grid):
         h = (t1 - t0).expand(n)
-        z = z + expand_t(h, z) * velocity(z, t0.expand(n), h)
+        z = z + expand_t(h, z) * velocity(z, t0.expand(n), h if step_input is None else step_input(h))
     return z
 
 
@@ -346,6 +359,103 @@ class MeanFlow(Objective):
     def sample(self, model, x0, cond=None, *, solver=None, num_steps=1, shift=1.0, cfg_scale=1.0):
         """``num_steps`` jumps with the average velocity (``solver`` is ignored: a jump is exact for u)."""
         return jump(model, x0, cond, num_steps, shift, cfg_scale)
+
+    def nfe(self, solver, num_steps):
+        return num_steps
+
+
+# --------------------------------------------------------------------------------------------
+# Shortcut models: the velocity of a step of size d, consistent across step sizes
+# --------------------------------------------------------------------------------------------
+
+
+class Shortcut(Objective):
+    """Shortcut models (Frans et al. 2024): one network for every step size d, trained to be consistent.
+
+    The network ``s(z_t, t, d)`` (the second time is the step size d) is the displacement per unit
+    time of a step of size d, so ``z_{t+d} = z_t + d s(z_t, t, d)``. Two targets (the paper's
+    convention is rfkit's: t = 0 noise, t = 1 data)::
+
+        d = 0 (flow matching):      s(z_t, t, 0)  <- x1 - x0
+        d = 2 delta (consistency):  s(z_t, t, 2 delta) <- sg(s1 + s2) / 2,
+            s1 = s(z_t, t, delta),  s2 = s(z_t + delta s1, t + delta, delta)
+
+    i.e. one step of 2 delta lands where two steps of delta do. A fraction ``fraction`` of the rows
+    (the paper: 1/4) trains consistency at a full step ``2 delta = 2^-j``, j uniform in
+    ``0 .. levels - 1``, from t on that step's grid ``{0, 2 delta, ..} < 1``; the finest half step
+    ``2^-levels`` is taken with d = 0 (the flow-matching velocity grounds the recursion, as the
+    paper's code does with its smallest step). The other rows are flow matching at t from the run's
+    timestep sampler. Sampling takes K equal steps with d = 1/K (K = 1, 2, 4, .. up to 2^(levels-1)
+    were trained). Couplings compose; the run's weighting multiplies each row's loss by w(t).
+
+    Args:
+        fraction: share of rows with a consistency target.
+        levels: log2 of the number of finest steps (paper: 7, steps down to 1/128).
+        targets: ``"current"``: the consistency targets from the model being trained (no gradient);
+            ``"ema"``: from its exponential moving average (the paper's choice). ``"ema"`` needs the
+            EMA callback of rfkit.ema (``EMA.swapped``), which is not part of this build yet.
+    """
+
+    needs_second_time = True
+
+    def __init__(self, fraction: float = 0.25, levels: int = 7, targets: Literal["current", "ema"] = "current") -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(
+                f"fraction (the share of rows with a consistency target) must lie in [0, 1], got {fraction}"
+            )
+        if not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"levels must be an int >= 1 (finest step 2^-levels), got {levels!r}")
+        if targets not in ("current", "ema"):
+            raise ValueError(f"targets must be 'current' or 'ema', got {targets!r}")
+        self.fraction, self.levels, self.targets = fraction, levels, targets
+        self.target_weights: Callable[[], AbstractContextManager] = contextlib.nullcontext
+        """Hook: a context in which the model holds the weights the targets come from (the EMA's)."""
+
+    def setup(self, model, *, sharded=False, activation_checkpointing=False, compile=False):
+        super().setup(model, sharded=sharded)
+        if self.targets == "ema":
+            # hook for rfkit.ema: the module sets self.target_weights = lambda: find_ema(trainer).swapped(module)
+            raise ValueError(
+                "Shortcut(targets='ema') needs rfkit's EMA callback (rfkit.ema.EMA, with EMA.swapped), which this "
+                "build does not have yet: use targets: current, or add the EMA callback once it lands"
+            )
+
+    def step_input(self, d: Tensor) -> Tensor:
+        """The network's second input for step size d: 0 at (and below) the finest step, which is the velocity."""
+        return torch.where(d <= 2.0**-self.levels, torch.zeros_like(d), d)
+
+    @torch.no_grad()
+    def consistency_target(self, model: VelocityModel, z: Tensor, t: Tensor, half: Tensor, cond: Cond) -> Tensor:
+        """(B, *shape) ``(s1 + s2) / 2``: the slope of two half steps of size ``half`` (B,) from ``z`` at ``t``."""
+        d = self.step_input(half)
+        with self.target_weights():
+            s1 = model(z, t, cond, d)
+            s2 = model(z + expand_t(half, z) * s1, t + half, cond, d)
+        return (s1 + s2) / 2
+
+    def loss(self, model, batch, draws, *, coupling, timesteps, cond_dropout=0.0, t=None):
+        if t is not None:  # validation: the instantaneous velocity at fixed t
+            pairs = draw_pairs(model, batch, draws, coupling, timesteps, 0.0, t)
+            return instantaneous_loss(model, pairs, torch.zeros_like(pairs.t)), pairs.t
+        pairs = draw_pairs(model, batch, draws, coupling, timesteps, cond_dropout, None)
+        device = pairs.t.device
+        consistent = draws.uniform().to(device) < self.fraction
+        level = draws.rows(lambda k, g: torch.randint(0, self.levels, (k,), generator=g, device=draws.device))
+        full = 0.5 ** level.to(device=device, dtype=pairs.t.dtype)  # 2 delta = 2^-j
+        start = torch.floor(draws.uniform().to(device) / full) * full  # on the grid of the full step, < 1
+        t = torch.where(consistent, start, pairs.t)
+        d = torch.where(consistent, full, torch.zeros_like(full))
+        path = straight_path(pairs.x0, pairs.x1, t)
+        target = path.u.clone()
+        rows = consistent.nonzero().squeeze(1)
+        if rows.numel():
+            cond = {k: v[rows] for k, v in pairs.cond.items()}
+            target[rows] = self.consistency_target(model, path.x_t[rows], t[rows], full[rows] / 2, cond).to(target)
+        return squared_error(model(path.x_t, t, pairs.cond, self.step_input(d)), target), t
+
+    def sample(self, model, x0, cond=None, *, solver=None, num_steps=1, shift=1.0, cfg_scale=1.0):
+        """``num_steps`` steps with ``d = 1/num_steps`` (with ``shift``, the shifted grid's step sizes)."""
+        return jump(model, x0, cond, num_steps, shift, cfg_scale, step_input=self.step_input)
 
     def nfe(self, solver, num_steps):
         return num_steps

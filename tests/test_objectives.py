@@ -16,7 +16,7 @@ from rfkit.couplings import MinibatchOT
 from rfkit.draws import RowDraws
 from rfkit.models import MLP, DiT, VelocityModel
 from rfkit.module import RectifiedFlow
-from rfkit.objectives import FlowMatching, MeanFlow
+from rfkit.objectives import FlowMatching, MeanFlow, Shortcut
 from rfkit.testing import check_objective
 from rfkit.timesteps import LogitNormal, Uniform
 from rfkit.weightings import MinSNR
@@ -84,6 +84,8 @@ def test_builtin_objectives_keep_the_contract():
     check_objective(FlowMatching())
     check_objective(MeanFlow())
     check_objective(MeanFlow(ratio=1.0, power=0.5, guidance=2.0))
+    check_objective(Shortcut())
+    check_objective(Shortcut(fraction=1.0, levels=3))
 
 
 class GlobalRNG(FlowMatching):
@@ -223,6 +225,67 @@ def test_meanflow_refuses_dropout_checkpointing_and_a_model_without_a_second_tim
         MeanFlow().setup(dropping)
     with pytest.raises(ValueError, match="ratio"):
         MeanFlow(ratio=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Shortcut
+# --------------------------------------------------------------------------------------------
+
+
+def test_shortcut_target_is_two_half_euler_steps():
+    model = randomize(MLP(dim=3, width=16, num_classes=2, second_time=True))
+    objective = Shortcut(levels=5)  # finest half step 1/32: every half below is a trained step size
+    z, t, cond = torch.randn(5, 3), torch.rand(5) * 0.5, {"cls": torch.tensor([0, 1, 0, 1, 2])}
+    half = torch.tensor([0.25, 0.125, 0.0625, 0.25, 0.5])
+    target = objective.consistency_target(model, z, t, half, cond)
+    # two Euler steps of size `half` with the model's slope for that step size...
+    h = half[:, None]
+    z1 = z + h * model(z, t, cond, half)
+    z2 = z1 + h * model(z1, t + half, cond, half)
+    # ...land where one step of 2 * half with the target does
+    torch.testing.assert_close(z + 2 * h * target, z2)
+    # the finest half step (2^-levels) is the flow-matching velocity, d = 0
+    finest = torch.full((5,), 2.0**-5)
+    v1 = model(z, t, cond, torch.zeros(5))
+    v2 = model(z + finest[:, None] * v1, t + finest, cond, torch.zeros(5))
+    torch.testing.assert_close(objective.consistency_target(model, z, t, finest, cond), (v1 + v2) / 2)
+
+
+def test_shortcut_consistency_rows_regress_on_their_target_and_the_rest_is_flow_matching():
+    model = randomize(MLP(dim=2, width=16, second_time=True))
+    objective = Shortcut(fraction=1.0, levels=3)
+    batch = {"latent": torch.randn(64, 2)}
+    kw = {"coupling": MinibatchOT(), "timesteps": Uniform()}
+    per, t = objective.loss(model, batch, RowDraws(5, 0, 64), **kw)
+    # the pairs: the step's first two streams, noise then the coupling (exact OT: the generator does not matter)
+    x0 = MinibatchOT()(RowDraws(5, 0, 64).normal((2,)), batch["latent"])[0]
+    z = x0 + t[:, None] * (batch["latent"] - x0)
+    # every row is a consistency row at one full step 2^-j on that step's grid: find the j that reproduces it
+    matched = torch.zeros(64, dtype=torch.bool)
+    for j in range(3):
+        full = torch.full((64,), 0.5**j)
+        on_grid = torch.isclose(t / full, torch.round(t / full)) & (t + full <= 1)
+        target = objective.consistency_target(model, z, t, full / 2, {})
+        loss = ((model(z, t, {}, full) - target) ** 2).mean(1)
+        matched |= on_grid & torch.isclose(loss, per.detach(), rtol=1e-5, atol=1e-7)
+    assert bool(matched.all())
+    # fraction 0 is flow matching (d = 0)
+    fm, _ = FlowMatching().loss(model, batch, RowDraws(5, 0, 64), **kw)
+    sc, _ = Shortcut(fraction=0.0).loss(model, batch, RowDraws(5, 0, 64), **kw)
+    torch.testing.assert_close(sc, fm)
+
+
+def test_shortcut_samples_with_its_step_size_and_refuses_ema_targets_without_ema():
+    model = randomize(MLP(dim=2, width=16, second_time=True))
+    x0 = torch.randn(7, 2)
+    one = Shortcut().sample(model, x0, num_steps=1)
+    torch.testing.assert_close(one, x0 + model(x0, torch.zeros(7), {}, torch.ones(7)))
+    two = Shortcut().sample(model, x0, num_steps=2)
+    mid = x0 + 0.5 * model(x0, torch.zeros(7), {}, torch.full((7,), 0.5))
+    torch.testing.assert_close(two, mid + 0.5 * model(mid, torch.full((7,), 0.5), {}, torch.full((7,), 0.5)))
+    assert Shortcut().nfe(None, 4) == 4
+    with pytest.raises(ValueError, match="EMA"):
+        Shortcut(targets="ema").setup(model)
 
 
 MEANFLOW = ["--trainer.max_steps=3", "--model.objective=MeanFlow", "--model.objective.ratio=0.5"]

@@ -35,6 +35,7 @@ ARGUMENTS = {
     "Constant": {"value": 2.0},
     "SigmaSqrt": {"max_weight": 50.0},
     "MinSNR": {"gamma": 3.0},
+    "Shortcut": {"fraction": 0.5, "levels": 5, "targets": "current"},
     "MeanFlow": {"ratio": 0.5, "power": 0.5, "eps": 0.01, "guidance": 2.0, "guidance_mix": 0.5},
     "DensityWeighting": {"sampler": rfkit.timesteps.ModeSampler(1.1)},
 }

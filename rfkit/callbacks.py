@@ -103,10 +103,12 @@ class FlowDiagnostics(pl.Callback):
     """At each validation: straightness and transport cost of the flow, and W2 for 2-D data.
 
     From fixed noise (the same at every validation) and the first validation batch's condition,
-    integrates the (EMA) model with ``num_steps`` Euler steps and logs ``val/straightness`` and
-    ``val/transport_cost`` (see :mod:`rfkit.diagnostics`). For vector data it also logs
-    ``val/w2@K``: the exact W2 between K-step samples and the validation batch, for each K in
-    ``w2_steps``, the measure of few-step quality.
+    integrates the (EMA) model's instantaneous velocity with ``num_steps`` Euler steps and logs
+    ``val/straightness`` and ``val/transport_cost`` (see :mod:`rfkit.diagnostics`). For vector data
+    it also logs ``val/w2@K``: the exact W2 between the validation batch and samples from the
+    objective's sampler with K steps (Euler for flow matching, K jumps for MeanFlow / Shortcut:
+    K network evaluations either way, twice that under guidance), for each K in ``w2_steps``,
+    the measure of few-step quality.
 
     Args:
         num_samples: trajectories (at most the validation batch size).

@@ -46,7 +46,8 @@ TINY["digits_ddp.yaml"] = TINY["digits_fsdp.yaml"] = [
     "--data.init_args.batches_per_epoch=6",
     "--model.sample_steps=2",
 ]
-TINY["toy2d_meanflow.yaml"] = TINY["toy2d.yaml"]
+TINY["toy2d_meanflow.yaml"] = TINY["toy2d_shortcut.yaml"] = TINY["toy2d.yaml"]
+TINY["digits_meanflow.yaml"] = TINY["digits_shortcut.yaml"] = TINY["digits.yaml"]
 TINY["toy2d_reflow.yaml"] = [*TINY["toy2d.yaml"][:1], "--data.init_args.batch_size=64", "--model.sample_steps=2"]
 TINY["digits_reflow.yaml"] = [*TINY["digits.yaml"][:2], "--data.init_args.batch_size=32", "--model.sample_steps=2"]
 DATA = {

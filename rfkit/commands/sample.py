@@ -100,12 +100,16 @@ def sample(
     ``stats.json`` (settings, NFE, and the straightness and transport cost of the flow from the
     same noise, measured with ``diagnostics_steps`` Euler steps; 0 skips them).
 
+    Samples follow the checkpoint's objective (:mod:`rfkit.objectives`): a flow-matching model
+    integrates its velocity with ``solver``; a MeanFlow or shortcut model jumps ``num_steps`` times
+    (``solver`` unused), one network evaluation per jump.
+
     Args:
         ckpt: checkpoint written by ``rfkit fit``.
         out: output directory (created).
         num_samples: how many samples.
-        solver: ODE solver (default: the one the model was trained to validate with).
-        num_steps: solver steps (default: the checkpoint's ``sample_steps``).
+        solver: ODE solver (default: the one the model was trained to validate with; flow matching only).
+        num_steps: solver steps, or jumps (default: the checkpoint's ``sample_steps``).
         shift: inference timestep shift (default: the checkpoint's ``sample_shift``).
         cfg_scale: classifier-free guidance scale (default: the checkpoint's).
         labels: class labels, cycled over the samples (class-conditional models).
@@ -142,8 +146,9 @@ def sample(
         "decoded_by_vae": decode is not None,
         "num_samples": num_samples,
         "seed": seed,
+        "objective": repr(flow.objective),
         **{k: (repr(v) if k == "solver" else v) for k, v in settings.items()},
-        "nfe": settings["solver"].nfe(settings["num_steps"]) * (2 if settings["cfg_scale"] != 1 and cond else 1),
+        "nfe": flow.nfe(conditional=bool(cond), **settings),  # the objective's sampler: jumps cost one each
     }
     if diagnostics_steps > 0:
         fs = flow_stats(guided_velocity(flow.model, cond, settings["cfg_scale"]), x0, diagnostics_steps)

@@ -138,6 +138,20 @@ def test_meanflow_target_is_v_plus_h_times_the_finite_difference_total_derivativ
     assert (target.double() - wrong).abs().max() > 1e-3
 
 
+def test_meanflow_jvp_runs_in_fp32_under_bf16_autocast():
+    model = randomize(tiny_dit(second_time=True), scale=0.2)
+    g = torch.Generator().manual_seed(2)
+    z, v = torch.randn(4, 1, 4, 4, generator=g), torch.randn(4, 1, 4, 4, generator=g)
+    t, h = torch.rand(4, generator=g) * 0.5, torch.rand(4, generator=g) * 0.5
+    u32, target32 = MeanFlow().target(model, z, t, h, v, {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what bf16-mixed runs training_step under
+        u, target = MeanFlow().target(model, z, t, h, v, {})
+        assert model(z, t, {}, h).dtype == torch.bfloat16  # (autocast is on around it)
+    assert u.dtype == target.dtype == torch.float32
+    torch.testing.assert_close(target, target32)  # a bf16 JVP would be off by ~1e-2
+    torch.testing.assert_close(u, u32)
+
+
 class GaussianFlow(VelocityModel):
     """The exact average velocity of N(0, I) -> N(m, s^2 I) under the independent coupling.
 

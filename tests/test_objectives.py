@@ -211,20 +211,40 @@ def test_meanflow_rows_with_r_equal_t_are_flow_matching():
     torch.testing.assert_close(mf_w, fm / (fm + 0.01), rtol=1e-5, atol=1e-6)
 
 
+def test_meanflow_folds_guidance_into_the_target_on_rows_that_kept_their_label():
+    from rfkit.objectives import Pairs
+
+    model = randomize(MLP(dim=2, width=16, num_classes=3, second_time=True))
+    g = torch.Generator().manual_seed(4)
+    x0, x1, t = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g), torch.rand(6, generator=g)
+    kept = torch.tensor([True, True, False, True, False, True])
+    cond = {"cls": torch.where(kept, torch.tensor([0, 1, 2, 0, 1, 2]), 3)}  # dropped rows hold the null label
+    z = (1 - t[:, None]) * x0 + t[:, None] * x1
+    with torch.no_grad():
+        u_null = model(z, t, {"cls": torch.full((6,), 3)}, torch.zeros(6))
+        u_cond = model(z, t, cond, torch.zeros(6))
+    v = x1 - x0
+    pairs = Pairs(x0, x1, t, cond, kept)
+    got = MeanFlow(guidance=2.0).guided_target_velocity(model, pairs, z)
+    torch.testing.assert_close(got, torch.where(kept[:, None], 2.0 * v - u_null, v))  # omega v + (1 - omega) u_null
+    got = MeanFlow(guidance=1.0, guidance_mix=0.5).guided_target_velocity(model, pairs, z)
+    torch.testing.assert_close(got, torch.where(kept[:, None], v + 0.5 * u_cond - 0.5 * u_null, v))
+    assert torch.equal(MeanFlow().guided_target_velocity(model, pairs, z), v)  # omega = 1, kappa = 0: none
+
+
 def test_meanflow_draws_intervals_forward_on_the_configured_fraction():
-    model = MLP(dim=2, second_time=True)
-    pairs_t = []
-    objective = MeanFlow(ratio=0.25)
     from rfkit.objectives import draw_pairs
 
+    model = MLP(dim=2, second_time=True)
     draws = RowDraws(0, 0, 4000)
     pairs = draw_pairs(model, {"latent": torch.randn(4000, 2)}, draws, MinibatchOT(method="exact"), Uniform())
     before = pairs.t.clone()
-    h = objective.draw_intervals(pairs, draws, Uniform(), model)
-    pairs_t.append(pairs.t)
+    h = MeanFlow(ratio=0.25).draw_intervals(pairs, draws, Uniform(), model)
     assert bool((h >= 0).all()) and bool((pairs.t + h <= 1).all())
-    assert abs(float((h > 0).float().mean()) - 0.25) < 0.03
+    assert abs(float((h > 0).float().mean()) - 0.25) < 0.03  # 4000 rows: 3 standard deviations is 0.021
     assert torch.equal(pairs.t[h == 0], before[h == 0])  # r = t rows keep their t
+    # r != t rows: (t, r) is the sorted pair of two independent uniforms, so E[t] = 1/3 and E[r] = 2/3
+    assert abs(float(pairs.t[h > 0].mean()) - 1 / 3) < 0.03 and abs(float((pairs.t + h)[h > 0].mean()) - 2 / 3) < 0.03
 
 
 def test_meanflow_refuses_dropout_checkpointing_and_a_model_without_a_second_time():

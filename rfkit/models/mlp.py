@@ -46,8 +46,8 @@ class MLP(VelocityModel):
     def forward(self, x: Tensor, t: Tensor, cond: Cond, r: Tensor | None = None) -> Tensor:
         self.check_second_time(r)
         h = self.inp(torch.cat([x, t[:, None].to(x.dtype)], dim=-1))  # (B, width)
-        if self.r_embed is not None and r is not None:  # r = None is r = 0 here too
-            h = h + self.r_embed(r[:, None].to(x.dtype))
+        if self.r_embed is not None:  # r = None is r = 0; still in the graph, so DDP sees every weight used
+            h = h + self.r_embed((r if r is not None else torch.zeros_like(t))[:, None].to(x.dtype))
         if self.y_embed is not None:
             h = h + self.y_embed(cond["cls"])
         return self.body(h)

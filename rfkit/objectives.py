@@ -264,8 +264,10 @@ class MeanFlow(Objective):
         eps: the ``c`` of the adaptive weight.
         guidance: classifier-free guidance folded into the target, ``omega`` (1 = none): on rows
             that keep their condition, ``v~ = omega v + kappa u(z,t,t|c) + (1 - omega - kappa) u(z,t,t|null)``
-            replaces ``v`` (paper §4.2); sampling then needs one evaluation per step, no guidance.
-        guidance_mix: ``kappa`` above (paper: 0 for its main results with omega; 0.92 with omega 1).
+            replaces ``v`` (the paper's guided MeanFlow); sampling then needs one evaluation per
+            step and no guidance of its own (set the run's ``cfg_scale: 1``).
+        guidance_mix: ``kappa`` above (0: the plain folded guidance; the paper tunes omega and kappa
+            per model).
     """
 
     needs_second_time = True

@@ -23,6 +23,7 @@ run. See :mod:`rfkit.resume` for what is restored.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -180,19 +181,26 @@ class RFKitCLI(LightningCLI):
         self.model.run_config = {"config": dumped[self.subcommand] if self.subcommand else dumped, **git_revision()}
 
 
+COMMANDS = {
+    "sample": "rfkit.commands.sample:sample",
+    "reflow": "rfkit.commands.reflow:reflow",
+    "encode": "rfkit.commands.encode:encode",
+    "index": "rfkit.commands.index:index",
+}
+"""The commands besides LightningCLI's fit/validate/test/predict: functions whose signatures are
+their options (jsonargparse), imported when run so that ``rfkit fit`` does not pay for them."""
+
+
 def run_command(name: str, args: list[str]) -> None:
-    """``rfkit sample|reflow|index ...``: functions whose signatures are their options."""
+    """``rfkit sample|reflow|encode|index ...``: parse the options, run, print the returned report."""
     from jsonargparse import auto_cli
 
-    from rfkit.commands.index import index
-    from rfkit.commands.reflow import reflow
-    from rfkit.commands.sample import sample
-
-    commands = {"sample": sample, "reflow": reflow, "index": index}
+    module, function = COMMANDS[name].split(":")
+    command = getattr(importlib.import_module(module), function)
     try:
         with class_switch_resets():
-            result = auto_cli(commands[name], args=args, as_positional=False, prog=f"rfkit {name}")
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: say what, no traceback
+            result = auto_cli(command, args=args, as_positional=False, prog=f"rfkit {name}")
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:  # bad input: say what, no traceback
         sys.exit(f"rfkit {name}: error: {err}")
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
         print(yaml.safe_dump(result, sort_keys=False).rstrip())
@@ -201,12 +209,8 @@ def run_command(name: str, args: list[str]) -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``rfkit`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv[:1] == ["encode"]:  # not a LightningCLI subcommand: images -> latent shards
-        from rfkit.encode import main as encode
-
-        return encode(argv[1:])
     load_plugins()
-    if argv and argv[0] in ("sample", "reflow", "index"):
+    if argv and argv[0] in COMMANDS:
         run_command(argv[0], argv[1:])
         return
     try:

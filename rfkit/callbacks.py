@@ -16,10 +16,10 @@ from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
 from rfkit.checkpoint import read_checkpoint
+from rfkit.data.schema import COND_KEYS
 from rfkit.diagnostics import flow_stats
 from rfkit.images import sample_image
 from rfkit.metrics import Wasserstein2
-from rfkit.module import COND_KEYS
 from rfkit.sampling import guided_velocity
 from rfkit.solvers import Euler
 

@@ -3,7 +3,7 @@
 A coupling receives a batch of noise ``x0`` and data ``x1`` and returns the pairs to train on.
 It never moves ``x1``: labels and text embeddings are indexed like ``x1`` and must stay aligned.
 It reorders or replaces ``x0`` only. The batch's conditioning comes along read-only as ``cond``
-(the keys of :data:`rfkit.module.COND_KEYS`, e.g. ``cond["cls"]``), so a coupling may pair within
+(the keys of :data:`rfkit.data.schema.COND_KEYS`, e.g. ``cond["cls"]``), so a coupling may pair within
 classes without ever seeing, or moving, anything but the noise.
 
 Why it matters (docs/design.md §2): with the independent coupling straight paths cross, the network can

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from rfkit import __version__
 from rfkit.couplings import Coupling, Independent
+from rfkit.data.schema import COND_KEYS
 from rfkit.distributed import any_rank, broadcast_from_zero, rank_and_world
 from rfkit.draws import RowDraws
 from rfkit.metrics import LossMeter
@@ -32,9 +33,6 @@ from rfkit.solvers import Euler, Solver
 from rfkit.strategies import sharding_mesh
 from rfkit.timesteps import TimestepSampler, Uniform
 from rfkit.weightings import Constant, LossWeighting
-
-COND_KEYS = ("cls", "text", "pooled")
-"""Batch keys passed to the model as conditioning (see :data:`rfkit.models.Cond`)."""
 
 _COMPONENTS = ["model", "timesteps", "coupling", "weighting", "optimizer", "lr_scheduler", "sample_solver"]
 

@@ -23,13 +23,14 @@ import lap
 import numpy as np
 import ot
 import torch
+import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from rfkit.distributed import broadcast_from_zero, gather_rows, local_rows, rank_and_world
 from rfkit.plugin import Plugin
 
-__all__ = ["Coupling", "Independent", "MinibatchOT", "OTGap", "Reflow", "check_pair", "ot_gap"]
+__all__ = ["Coupling", "Independent", "MinibatchOT", "OTGap", "Reflow", "check_pair", "ot_gap", "pair_cost"]
 
 
 class Coupling(Plugin, ABC):
@@ -118,7 +119,8 @@ class MinibatchOT(Coupling):
     full plan. How far from the full plan a chunked one lands on your data: :func:`ot_gap`; the
     figures at global batches of 2048-8192 latents are in ``tools/results/bench_ot_scale.md``. With
     ``across_ranks=True`` the blocks tile the gathered global batch (rank-major), so
-    ``chunk_size`` = rows per rank gives the per-rank plans again, only with the communication.
+    ``chunk_size`` = rows per rank gives the per-rank plans again, only with the communication; the
+    ranks share the blocks' solves (the full plan is solved by rank 0 alone).
 
     Args:
         method: "exact" or "sinkhorn".
@@ -162,17 +164,30 @@ class MinibatchOT(Coupling):
         """(n,) index of the noise row paired with each data row."""
         rank, world = rank_and_world()
         if self.method == "exact" and self.across_ranks and world > 1:
-            # one solve on rank 0, broadcast: every rank must use the very same permutation
-            empty = torch.empty(x1.shape[0], dtype=torch.long, device=x0.device)
-            return broadcast_from_zero(self._blocks(x0, x1, generator) if rank == 0 else empty)
+            # every rank must use the very same permutation. Blocks are dealt round-robin (rank r
+            # solves blocks r, r + world, ...) and summed over ranks, each row written by exactly
+            # one rank, so the solve time divides by up to the world size; one block (the full
+            # plan) is solved on rank 0 and broadcast.
+            if self.chunk_size is None or self.chunk_size >= x1.shape[0]:
+                empty = torch.empty(x1.shape[0], dtype=torch.long, device=x0.device)
+                return broadcast_from_zero(self._blocks(x0, x1, generator) if rank == 0 else empty)
+            perm = self._blocks(x0, x1, generator, rank, world)
+            dist.all_reduce(perm)  # sum: zeros from the ranks that did not solve a row's block
+            return perm
         return self._blocks(x0, x1, generator)
 
-    def _blocks(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None) -> Tensor:
-        """(n,) pairing solved within consecutive blocks of ``chunk_size`` rows (one block if None)."""
+    def _blocks(
+        self, x0: Tensor, x1: Tensor, generator: torch.Generator | None, rank: int = 0, world: int = 1
+    ) -> Tensor:
+        """(n,) pairing solved within consecutive blocks of ``chunk_size`` rows (one block if None);
+        only blocks ``rank, rank + world, ...``, zeros in the others."""
         n = x1.shape[0]
         size = n if self.chunk_size is None else self.chunk_size
-        parts = [self._solve(x0[s : s + size], x1[s : s + size], generator) + s for s in range(0, n, size)]
-        return torch.cat(parts)
+        perm = torch.zeros(n, dtype=torch.long, device=x0.device)
+        for k, s in enumerate(range(0, n, size)):
+            if k % world == rank:
+                perm[s : s + size] = self._solve(x0[s : s + size], x1[s : s + size], generator) + s
+        return perm
 
     def _solve(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None) -> Tensor:
         if self.method == "exact":
@@ -255,12 +270,13 @@ def ot_gap(x0: Tensor, x1: Tensor, paired: Tensor) -> OTGap:
     """
     check_pair(x0, x1)
     check_pair(paired, x1, "paired", "x1")
-    a = x1.reshape(x1.shape[0], -1).double()
+    optimal = x0[exact_assignment(x0, x1)]
+    return OTGap(pair_cost(paired, x1), pair_cost(optimal, x1), pair_cost(x0, x1))
 
-    def mean_cost(noise: Tensor) -> float:
-        return float((noise.reshape(a.shape).double() - a).pow(2).sum(1).mean())
 
-    return OTGap(mean_cost(paired), mean_cost(x0[exact_assignment(x0, x1)]), mean_cost(x0))
+def pair_cost(x0: Tensor, x1: Tensor) -> float:
+    """``mean_j ||x0[j] - x1[j]||^2`` over a batch of pairs (n, *shape), in float64."""
+    return float((x0.reshape(x0.shape[0], -1).double() - x1.reshape(x1.shape[0], -1).double()).pow(2).sum(1).mean())
 
 
 def sinkhorn_plan(x0: Tensor, x1: Tensor, reg: float, max_iter: int, tol: float) -> Tensor:

@@ -41,7 +41,7 @@ def test_peak_table_picks_the_specific_name_first():
 
 
 def test_tiny_run_writes_every_row_and_both_sides_train_the_same_model(tmp_path):
-    out = tmp_path / "bench.md"
+    out = (tmp_path / "bench").with_suffix(".md")
     models = ["DiT-S/2 tiny", "MMDiT-XL/2 tiny"]
     configs = ["DDP + act. ckpt", "FSDP2"]  # the two strategies; compile is skipped in --tiny, and says so
     cmd = [sys.executable, str(TOOLS / "bench_gpu.py"), "--tiny", "--models", *models, "--out", str(out)]

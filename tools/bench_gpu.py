@@ -108,13 +108,14 @@ def mmdit(width: int, depth: int, heads: int, text: int, side: int = 32) -> Call
 # DiT presets (Peebles & Xie 2023, Table 1) on 4x32x32 latents (256x256 images through the SD VAE),
 # ImageNet's 1000 classes. The MMDiT is sized like DiT-XL/2: width 1152 and 14 joint blocks, each
 # two streams, so 28 streams as XL has 28 blocks (about XL's parameters), reading 77 text tokens of
-# 768 (CLIP-L's shape).
+# 768 (CLIP-L's shape). Per-GPU batches fit an 80 GB GPU without activation checkpointing (AdamW
+# states in fp32: 16 bytes per parameter, 11 GB for XL) with room to spare; --batch changes them.
 MODELS = [
     Spec("DiT-S/2", dit(384, 12, 6), 256, (4, 32, 32), classes=1000),
     Spec("DiT-B/2", dit(768, 12, 12), 256, (4, 32, 32), classes=1000),
     Spec("DiT-L/2", dit(1024, 24, 16), 128, (4, 32, 32), classes=1000),
-    Spec("DiT-XL/2", dit(1152, 28, 16), 128, (4, 32, 32), classes=1000),
-    Spec("MMDiT-XL/2", mmdit(1152, 14, 16, 768), 128, (4, 32, 32), text=(77, 768)),
+    Spec("DiT-XL/2", dit(1152, 28, 16), 64, (4, 32, 32), classes=1000),
+    Spec("MMDiT-XL/2", mmdit(1152, 14, 16, 768), 64, (4, 32, 32), text=(77, 768)),
 ]
 TINY = [
     Spec("DiT-S/2 tiny", dit(32, 2, 2, side=8, classes=10), 4, (4, 8, 8), classes=10),
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", help=f"configs to run (default: all): {[c.name for c in CONFIGS]}")
     parser.add_argument("--steps", type=int, help="steps per run (default 40, tiny 5)")
     parser.add_argument("--warmup", type=int, help="steps before the clock starts (default 15, tiny 2)")
+    parser.add_argument("--batch", type=int, help="per-GPU batch for every model (default: each model's own)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of one device, if not in the table")
     parser.add_argument("--out", type=Path, help="results file (.md; a .json beside it holds every number)")
     args = parser.parse_args(argv)
@@ -374,37 +376,47 @@ def main(argv: list[str] | None = None) -> None:
 
     device = setup_distributed(args.tiny)
     peak, source = peak_tflops(device, args.peak_tflops)
-    rows = []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    label = "CPU tiny (tiny models, a few steps): the script works; not GPU results" if args.tiny else name
+    notes = [
+        f"{label}; {dist.get_world_size()} rank(s), bf16-mixed, AdamW, {args.steps} steps, timed after {args.warmup}.",
+        f"MFU peak: {fmt(peak, '.0f')} TFLOP/s dense bf16 per device ({source}). Model FLOPs: "
+        "FlopCounterMode, one forward + backward per model (tools/bench_gpu.py docstring).",
+    ]
+    if skipped:
+        notes.append(f"Skipped in --tiny: {', '.join(skipped)} (inductor compiles C++ for minutes on a CPU).")
+    rows: list[dict] = []
     for spec in models:
+        spec = dataclasses.replace(spec, batch=args.batch or spec.batch)
         flops = step_flops(spec, spec.batch)
         for cfg in configs:
-            pair = [measure(spec, cfg, impl, args, device, flops, peak) for impl in ("rfkit", "plain")]
+            try:
+                pair = [measure(spec, cfg, impl, args, device, flops, peak) for impl in ("rfkit", "plain")]
+            except torch.OutOfMemoryError:  # the other rows are still worth having
+                gc.collect()
+                torch.cuda.empty_cache()
+                notes.append(f"{spec.name} {cfg.name}: out of memory at batch {spec.batch} per GPU (try --batch).")
+                continue
             if pair[0]["params"] != pair[1]["params"] or pair[0]["initial_checksum"] != pair[1]["initial_checksum"]:
                 raise SystemExit(f"{spec.name} {cfg.name}: rfkit and the plain loop did not start from the same model")
             rows += pair
-            if dist.get_rank() == 0:
-                print(table(pair).splitlines()[-2], "\n" + table(pair).splitlines()[-1], flush=True)
+            if dist.get_rank() == 0:  # after every pair, so an interrupted run keeps what it measured
+                print("\n".join(table(pair).splitlines()[2:]), flush=True)
+                write(out, rows, notes, label, peak)
     if dist.get_rank() == 0:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        label = "CPU tiny (tiny models, a few steps): the script works; not GPU results" if args.tiny else name
-        ratios = [
-            r["images_per_s"] / p["images_per_s"]
-            for r, p in zip(rows[::2], rows[1::2], strict=True)  # (rfkit, plain) pairs
-        ]
-        note = [
-            f"\n{label}; {dist.get_world_size()} rank(s), bf16-mixed, AdamW, {args.steps} steps, "
-            f"timed after {args.warmup}. rfkit / plain (images/s): median {statistics.median(ratios):.3f}.",
-            f"MFU peak: {fmt(peak, '.0f')} TFLOP/s dense bf16 per device ({source}). Model FLOPs: "
-            "FlopCounterMode, one forward + backward per model (tools/bench_gpu.py docstring).",
-        ]
-        if skipped:
-            note.append(f"Skipped in --tiny: {', '.join(skipped)} (inductor compiles C++ for minutes on a CPU).")
-        text = table(rows) + "\n" + "\n".join(note) + "\n"
-        print(text)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps({"label": label, "peak": peak, "rows": rows}, indent=1) + "\n")
+        print(write(out, rows, notes, label, peak))
     dist.destroy_process_group()
+
+
+def write(out: Path, rows: list[dict], notes: list[str], label: str, peak: float | None) -> str:
+    """Write the table and notes to ``out`` and every number to ``out`` with .json; returns the text."""
+    ratios = [r["images_per_s"] / p["images_per_s"] for r, p in zip(rows[::2], rows[1::2], strict=True)]
+    summary = f"rfkit / plain (images/s): median {statistics.median(ratios):.3f}." if ratios else "No row measured."
+    text = table(rows) + "\n\n" + "\n".join([*notes, summary]) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"label": label, "peak": peak, "rows": rows}, indent=1) + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from rfkit.models.base import Cond, VelocityModel
 from rfkit.models.layers import FinalLayer, Patches, Stream, TimestepEmbedder, attend
+from rfkit.paths import expand_t
 
 
 class JointBlock(nn.Module):
@@ -82,8 +83,7 @@ class MMDiT(VelocityModel):
     def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
         out = dict(cond)
         for key in ("text", "pooled"):
-            keep = (~drop).reshape(-1, *([1] * (cond[key].ndim - 1))).to(cond[key].dtype)
-            out[key] = cond[key] * keep  # SD3 drops text to zero embeddings
+            out[key] = cond[key] * expand_t(~drop, cond[key])  # SD3 drops text to zero embeddings
         return out
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:

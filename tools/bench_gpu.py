@@ -49,6 +49,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from typing_extensions import override
 
 from rfkit.data.batches import BatchLoader, TensorBatches
 from rfkit.models import DiT, MMDiT
@@ -207,6 +208,7 @@ class ClockCallback(pl.Callback):
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.clock.tick(trainer.global_step, outputs["loss"])
 

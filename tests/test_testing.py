@@ -53,6 +53,7 @@ def test_builtin_samplers_keep_the_contract(sampler):
     [
         (Independent(), {"permutation": True}),
         (MinibatchOT("exact"), {"permutation": True}),
+        (MinibatchOT("exact", chunk_size=5), {"permutation": True}),  # blocks of 5, a shorter last one
         (MinibatchOT("sinkhorn"), {}),  # draws from the plan: rows of x0, with repeats
         (Reflow(), {"rows_of": "noise", "permutation": True}),
     ],

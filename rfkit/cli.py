@@ -41,6 +41,7 @@ import rfkit.callbacks
 import rfkit.couplings
 import rfkit.data
 import rfkit.models
+import rfkit.models.pretrained
 import rfkit.solvers
 import rfkit.strategies
 import rfkit.timesteps

@@ -40,3 +40,13 @@ class VelocityModel(nn.Module, ABC):
         """Tokens the model sees for one latent of this shape (drives resolution-dependent shifts)."""
         del latent_shape
         return 1
+
+
+def zero_condition(cond: Cond, drop: Tensor, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """``cond`` with the ``keys`` of rows where ``drop`` (B,) is True set to zeros: the null condition
+    of text-conditioned models (SD3 drops its text encoders to zero embeddings)."""
+    out = dict(cond)
+    for key in keys:
+        keep = (~drop).reshape(-1, *([1] * (cond[key].ndim - 1))).to(cond[key].dtype)
+        out[key] = cond[key] * keep
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rfkit.models.base import Cond, VelocityModel
+from rfkit.models.base import Cond, VelocityModel, zero_condition
 from rfkit.models.layers import FinalLayer, Patches, Stream, TimestepEmbedder, attend
 
 
@@ -80,11 +80,7 @@ class MMDiT(VelocityModel):
         return self.patches.unpatchify(self.final(tokens, c), like=x)
 
     def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
-        out = dict(cond)
-        for key in ("text", "pooled"):
-            keep = (~drop).reshape(-1, *([1] * (cond[key].ndim - 1))).to(cond[key].dtype)
-            out[key] = cond[key] * keep  # SD3 drops text to zero embeddings
-        return out
+        return zero_condition(cond, drop, ("text", "pooled"))  # SD3 drops text to zero embeddings
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
         return self.patches.num_tokens(latent_shape)

@@ -266,7 +266,8 @@ class RectifiedFlow(pl.LightningModule):
         parallelize(self.model, sharding_mesh(self), self.activation_checkpointing, self.compile_blocks)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.model.parameters())
+        # trainable parameters only: under LoRA the frozen base gets no optimizer state
+        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

@@ -94,7 +94,9 @@ class PretrainedTransformer(VelocityModel):
         if lora is not None:
             self.base_sha256 = weights_sha256(self.transformer)  # before the adapter renames the weights
             add_lora(self.transformer, lora, self.default_lora_targets)
+            # frozen parameters and buffers (SD3's positional table alone is ~110 MB) come from the base
             self._frozen = {n for n, p in self.transformer.named_parameters() if not p.requires_grad}
+            self._frozen |= {n for n, _ in self.transformer.named_buffers()}
             self.register_state_dict_post_hook(_drop_frozen)
             self.register_load_state_dict_pre_hook(_fill_frozen)
         self.latent_shape = self._latent_shape(latent_size)
@@ -154,6 +156,6 @@ def _drop_frozen(module: PretrainedTransformer, state_dict: dict, prefix: str, l
 
 def _fill_frozen(module: PretrainedTransformer, state_dict: dict, prefix: str, *args) -> None:
     """Load hook under LoRA: the base weights a checkpoint leaves out are the ones loaded from ``path``."""
-    params = dict(module.transformer.named_parameters())
+    params = {**dict(module.transformer.named_parameters()), **dict(module.transformer.named_buffers())}
     for name in module._frozen:
         state_dict.setdefault(f"{prefix}transformer.{name}", params[name].detach())

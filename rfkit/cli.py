@@ -1,7 +1,8 @@
 """``rfkit``: the command line. ``rfkit fit|validate|test|predict --config FILE`` (a LightningCLI);
 ``rfkit sample`` draws from a checkpoint, ``rfkit reflow`` makes (noise, sample) pairs for k-rectified
-flow, ``rfkit encode`` turns images into latent shards and ``rfkit index`` writes the manifest of
-shards another tool wrote (each has ``--help``).
+flow, ``rfkit encode`` turns images into latent shards, ``rfkit index`` writes the manifest of
+shards another tool wrote and ``rfkit export`` writes a fine-tuned SD3 / Flux transformer (or its LoRA)
+as a folder diffusers loads (each has ``--help``).
 
 Every component is named in YAML by ``class_path`` (a full dotted path) or by its short class name
 when the class is importable: rfkit's built-ins, and classes of any package that declares the
@@ -182,14 +183,15 @@ class RFKitCLI(LightningCLI):
 
 
 def run_command(name: str, args: list[str]) -> None:
-    """``rfkit sample|reflow|index ...``: functions whose signatures are their options."""
+    """``rfkit sample|reflow|index|export ...``: functions whose signatures are their options."""
     from jsonargparse import auto_cli
 
+    from rfkit.commands.export import export
     from rfkit.commands.index import index
     from rfkit.commands.reflow import reflow
     from rfkit.commands.sample import sample
 
-    commands = {"sample": sample, "reflow": reflow, "index": index}
+    commands = {"sample": sample, "reflow": reflow, "index": index, "export": export}
     try:
         with class_switch_resets():
             result = auto_cli(commands[name], args=args, as_positional=False, prog=f"rfkit {name}")
@@ -207,7 +209,7 @@ def main(args: list[str] | None = None) -> None:
 
         return encode(argv[1:])
     load_plugins()
-    if argv and argv[0] in ("sample", "reflow", "index"):
+    if argv and argv[0] in ("sample", "reflow", "index", "export"):
         run_command(argv[0], argv[1:])
         return
     try:

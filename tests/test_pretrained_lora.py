@@ -1,5 +1,6 @@
 """LoRA on a pretrained (here tiny, random) SD3 through `rfkit fit`: only the adapters train and are
-saved, the base stays bit-identical, resuming continues, and another base is refused."""
+saved, the base stays bit-identical, resuming continues, another base is refused; and `rfkit export`
+writes what diffusers loads, with the velocity rfkit's model gives."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusion3Pipeline
 
 pytest.importorskip("peft")
 
 from pretrained_fixtures import SD3_LORA_TINY, SD3_TINY, write_sd3_shards
 
 from rfkit.checkpoint import load_checkpoint
-from rfkit.cli import RFKitCLI
+from rfkit.cli import RFKitCLI, main
 from rfkit.models.pretrained import LoRA, SD3Transformer
+from rfkit.models.pretrained.lora import weights_sha256
 
+ALPHA = "--model.model.init_args.lora.alpha=8"  # scale alpha / rank = 2: an export that loses alpha shows
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sd3_lora.yaml"
 
 
@@ -37,9 +41,10 @@ def base_and_adapters(model: SD3Transformer) -> tuple[dict, dict]:
 
 def test_lora_fit_trains_only_adapters_saves_them_alone_and_resumes(tmp_path):
     data = write_sd3_shards(tmp_path / "data")
-    trained = fit(tmp_path / "run", data, 3).model.model
+    trained = fit(tmp_path / "run", data, 3, ALPHA).model.model
     base, adapters = base_and_adapters(trained)
-    fresh = dict(SD3Transformer(config=SD3_TINY, latent_size=8).transformer.named_parameters())  # the base, rebuilt
+    fresh_model = SD3Transformer(config=SD3_TINY, latent_size=8).transformer  # the base, rebuilt
+    fresh = dict(fresh_model.named_parameters())
     assert base.keys() == fresh.keys()
     assert all(torch.equal(base[k], fresh[k]) for k in base)  # bit-identical after 3 AdamW steps
     assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in adapters.items())  # B starts at 0
@@ -47,22 +52,68 @@ def test_lora_fit_trains_only_adapters_saves_them_alone_and_resumes(tmp_path):
 
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     saved = ckpt["state_dict"]
-    assert {k for k in saved if "lora_" not in k} == {"model._extra_state"}  # adapters only, plus the base's name
-    assert saved["model._extra_state"]["sha256"] == trained.base_sha256 and len(trained.base_sha256) == 64
+    assert {k for k in saved if "lora_" not in k} == {"model.base_sha256_bytes"}  # adapters only, and the base's hash
+    assert bytes(saved["model.base_sha256_bytes"].tolist()).hex() == trained.base_sha256 == weights_sha256(fresh_model)
     assert len(ckpt["optimizer_states"][0]["state"]) == len(adapters)  # the optimizer holds the adapters only
 
     module = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")  # what `rfkit sample` does
     for name, value in adapters.items():
         assert torch.equal(dict(module.model.transformer.named_parameters())[name], value)
 
-    resumed = fit(tmp_path / "run", data, 5)  # the same command, longer: resumes from last.ckpt at step 3
+    resumed = fit(tmp_path / "run", data, 5, ALPHA)  # the same command, longer: resumes from last.ckpt at step 3
     assert resumed.trainer.global_step == 5
     base2, adapters2 = base_and_adapters(resumed.model.model)
     assert all(torch.equal(base2[k], fresh[k]) for k in base2)
     assert any(not torch.equal(adapters2[k], adapters[k]) for k in adapters)
 
-    with pytest.raises(ValueError, match=r"trained on base config .* adapters only work on the base they were trained"):
-        fit(tmp_path / "run", data, 7, "--model.model.init_args.seed=1")  # another random base: refused at resume
+    # export: the LoRA in the pipelines' format, loaded by diffusers into the base, is rfkit's model
+    main(["export", f"--ckpt={tmp_path / 'run/checkpoints/last.ckpt'}", f"--out={tmp_path / 'lora'}"])
+    assert (tmp_path / "lora/pytorch_lora_weights.safetensors").is_file()
+    theirs = SD3Transformer(config=SD3_TINY).transformer  # a plain diffusers model: the base
+    # what StableDiffusion3Pipeline.load_lora_weights does with the folder (its metadata carries alpha = 8)
+    state, metadata = StableDiffusion3Pipeline.lora_state_dict(str(tmp_path / "lora"), return_lora_metadata=True)
+    StableDiffusion3Pipeline.load_lora_into_transformer(state, transformer=theirs, metadata=metadata)
+    assert_same_velocity(load_checkpoint(tmp_path / "run/checkpoints/last.ckpt").model, theirs)
+
+    with pytest.raises(ValueError, match=r"trained on a base whose weights .* adapters only work on the base"):
+        fit(
+            tmp_path / "run", data, 7, ALPHA, "--model.model.init_args.seed=1"
+        )  # another random base: refused at resume
+
+
+def assert_same_velocity(ours: SD3Transformer, theirs) -> None:
+    """rfkit's v(x, t) against diffusers' transformer called as its pipeline does: v = -out(x, 1000 (1 - t))."""
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g)
+    text, pooled = torch.randn(2, 5, 32, generator=g), torch.randn(2, 64, generator=g)
+    with torch.no_grad():
+        v = ours.eval()(x, t, {"text": text, "pooled": pooled})
+        out = theirs.eval()(x, text, pooled, timestep=1000 * (1 - t), return_dict=False)[0]
+    torch.testing.assert_close(v, -out, rtol=1e-5, atol=1e-5)
+
+
+def test_export_full_fine_tune_with_ema(tmp_path):
+    """No LoRA, with an EMA: `rfkit export` writes save_pretrained's folder, the EMA weights by default."""
+    import json
+
+    from diffusers import SD3Transformer2DModel
+
+    data = write_sd3_shards(tmp_path / "data", n=8)
+    ema = ["--trainer.callbacks+=EMAWeightAveraging", "--trainer.callbacks.decay=0.5"]
+    fit(tmp_path / "run", data, 2, "--model.model.init_args.lora=null", *ema)
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    for flag, weights, key in (("true", "ema", "state_dict"), ("false", "live", "current_model_state")):
+        out = tmp_path / f"export_{weights}"
+        main(["export", f"--ckpt={ckpt}", f"--out={out}", f"--ema={flag}"])
+        assert json.loads((out / "rfkit_export.json").read_text())["weights"] == weights
+        theirs = SD3Transformer2DModel.from_pretrained(out)
+        for name, value in theirs.state_dict().items():
+            assert torch.equal(value, saved[key][f"model.transformer.{name}"]), name
+    module = load_checkpoint(ckpt)  # rfkit's model with the EMA weights
+    assert_same_velocity(module.model, SD3Transformer2DModel.from_pretrained(tmp_path / "export_ema"))
+    with pytest.raises(SystemExit, match="already holds files"):
+        main(["export", f"--ckpt={ckpt}", f"--out={tmp_path / 'export_ema'}"])
 
 
 def test_lora_setting_errors_and_defaults():

@@ -93,6 +93,10 @@ class PretrainedTransformer(VelocityModel):
         self.base_sha256: str | None = None
         if lora is not None:
             self.base_sha256 = weights_sha256(self.transformer)  # before the adapter renames the weights
+            # saved with the adapters (a tensor, so every checkpoint path keeps it); the folder is in the config
+            self.register_buffer(
+                "base_sha256_bytes", torch.tensor(list(bytes.fromhex(self.base_sha256)), dtype=torch.uint8)
+            )
             add_lora(self.transformer, lora, self.default_lora_targets)
             # frozen parameters and buffers (SD3's positional table alone is ~110 MB) come from the base
             self._frozen = {n for n, p in self.transformer.named_parameters() if not p.requires_grad}
@@ -133,20 +137,6 @@ class PretrainedTransformer(VelocityModel):
     def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
         return zero_condition(cond, drop, self.cond_keys)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """Saved with the weights: which base the adapters were trained on."""
-        return {"base": self.path or "config", "sha256": self.base_sha256}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        if self.lora is None or state.get("sha256") == self.base_sha256:
-            return
-        raise ValueError(
-            f"this checkpoint's LoRA adapters were trained on base {state.get('base')} (weights sha256 "
-            f"{str(state.get('sha256'))[:16]}...), but the model now loads {self.path or 'a config'} (sha256 "
-            f"{self.base_sha256[:16]}...): adapters only work on the base they were trained on; point "
-            "model.init_args.path at that base (or rebuild it from the same config and seed)"
-        )
-
 
 def _drop_frozen(module: PretrainedTransformer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """State-dict hook under LoRA: checkpoints hold the adapters (and the base's fingerprint), not the base."""
@@ -155,7 +145,17 @@ def _drop_frozen(module: PretrainedTransformer, state_dict: dict, prefix: str, l
 
 
 def _fill_frozen(module: PretrainedTransformer, state_dict: dict, prefix: str, *args) -> None:
-    """Load hook under LoRA: the base weights a checkpoint leaves out are the ones loaded from ``path``."""
+    """Load hook under LoRA: refuse adapters trained on another base; the base weights a checkpoint
+    leaves out are the ones loaded from ``path``."""
+    saved = state_dict.get(f"{prefix}base_sha256_bytes")
+    trained_on = None if saved is None else bytes(saved.tolist()).hex()
+    if trained_on is not None and trained_on != module.base_sha256:
+        raise ValueError(
+            f"these LoRA adapters were trained on a base whose weights have sha256 {trained_on[:16]}..., but the "
+            f"model now loads {module.path or 'a config'} (sha256 {module.base_sha256[:16]}...): adapters only work "
+            "on the base they were trained on; point model.init_args.path at that base (the checkpoint's config "
+            "names it) or rebuild it from the same config and seed"
+        )
     params = {**dict(module.transformer.named_parameters()), **dict(module.transformer.named_buffers())}
     for name in module._frozen:
         state_dict.setdefault(f"{prefix}transformer.{name}", params[name].detach())

@@ -125,3 +125,25 @@ def test_lora_setting_errors_and_defaults():
     assert a.r["default"] == 4 and a.scaling["default"] == 1.0  # rank 4, alpha = rank
     with pytest.raises(ValueError, match=r"lora target 'attn.to_qq' matches no module .* e.g. one of"):
         SD3Transformer(config=SD3_TINY, latent_size=8, lora=LoRA(target_modules=["attn.to_qq"]))
+
+
+def test_flux_lora_defaults_and_bf16_base_under_autocast():
+    """Flux: every default target exists. A bf16 base under bf16 autocast (bf16-mixed) trains float32 adapters."""
+    from pretrained_fixtures import FLUX_TINY
+
+    from rfkit.models.pretrained import FluxTransformer
+    from rfkit.models.pretrained.lora import FLUX_TARGETS
+
+    model = FluxTransformer(config=FLUX_TINY, latent_size=8, lora=LoRA(), dtype="bfloat16")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for target in FLUX_TARGETS:
+        assert any(f".{target}.lora_A." in n for n, _ in trainable), target
+    assert all(p.dtype == torch.float32 for _, p in trainable)  # peft keeps adapters in float32
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not p.requires_grad)
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    cond = {"text": torch.randn(2, 5, 32), "pooled": torch.randn(2, 32)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = model(x, t, cond)
+    assert v.dtype == torch.float32 and v.shape == x.shape  # shaped and typed like x
+    v.float().pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)

@@ -89,8 +89,12 @@ def add_lora(transformer: nn.Module, lora: LoRA, default_targets: tuple[str, ...
                 f"lora target {target!r} matches no module of {type(transformer).__name__}; "
                 f"name linear layers by their tail, e.g. one of {linears[:24]}"
             )
+    from diffusers.training_utils import cast_training_params
+
     transformer.requires_grad_(False)
     transformer.add_adapter(config)  # makes only the lora_A / lora_B weights trainable
+    # adapters in float32 on a bf16 / fp16 base, as diffusers' scripts do: updates of size lr * grad vanish in bf16
+    cast_training_params(transformer, dtype=torch.float32)
 
 
 def weights_sha256(module: nn.Module) -> str:

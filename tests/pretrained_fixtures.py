@@ -28,11 +28,11 @@ FLUX_TINY = {  # diffusers' test config, with the guidance embedding of Flux.1-d
     "attention_head_dim": 16,
     "num_attention_heads": 2,
     "joint_attention_dim": 32,
-    "pooled_projection_dim": 32,
+    "pooled_projection_dim": 64,  # diffusers' test: 32; 64 reads the same shards as the tiny SD3
     "axes_dims_rope": [4, 4, 8],
     "guidance_embeds": True,
 }
-FLUX_TEXT, FLUX_POOLED = 32, 32
+FLUX_TEXT, FLUX_POOLED = 32, 64
 
 
 def write_sd3_shards(root, n: int = 24, size: int = 8, seed: int = 0):

@@ -4,6 +4,7 @@ writes what diffusers loads, with the velocity rfkit's model gives."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,47 @@ def test_export_full_fine_tune_with_ema(tmp_path):
         main(["export", f"--ckpt={ckpt}", f"--out={tmp_path / 'export_ema'}"])
 
 
+def test_flux_lora_fit_and_export(tmp_path):
+    """configs/sd3_lora.yaml switched to the tiny Flux: trains, and its export loads into diffusers' Flux
+    (FluxPipeline's LoRA format) with the velocity of rfkit's model, packing and guidance included."""
+    from diffusers import FluxPipeline
+    from pretrained_fixtures import FLUX_TINY
+
+    from rfkit.models.pretrained import FluxTransformer
+
+    data = write_sd3_shards(tmp_path / "data", n=8)  # the tiny Flux reads the same shapes
+    flux = ["--model.model=FluxTransformer", "--model.model.init_args.config=" + json.dumps(FLUX_TINY),
+            "--model.model.init_args.latent_size=8", "--model.model.init_args.guidance=2.5",
+            '--model.model.init_args.lora={"rank": 2, "alpha": 4}']  # fmt: skip
+    fit(tmp_path / "run", data, 2, *flux)
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"
+    ours = load_checkpoint(ckpt).model
+    assert isinstance(ours, FluxTransformer) and ours.guidance == 2.5 and ours.lora.rank == 2
+    main(["export", f"--ckpt={ckpt}", f"--out={tmp_path / 'lora'}"])
+    theirs = FluxTransformer(config=FLUX_TINY).transformer
+    # what FluxPipeline.load_lora_weights does with the folder (alpha = 4 from its metadata: scale 2)
+    state, alphas, meta = FluxPipeline.lora_state_dict(
+        str(tmp_path / "lora"), return_alphas=True, return_lora_metadata=True
+    )
+    FluxPipeline.load_lora_into_transformer(state, network_alphas=alphas, transformer=theirs, metadata=meta)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g)
+    text, pooled = torch.randn(2, 5, 32, generator=g), torch.randn(2, 64, generator=g)
+    with torch.no_grad():
+        v = ours.eval()(x, t, {"text": text, "pooled": pooled})
+        out = theirs.eval()(
+            hidden_states=FluxPipeline._pack_latents(x, 2, 4, 8, 8),
+            timestep=1 - t,
+            guidance=torch.full((2,), 2.5),
+            pooled_projections=pooled,
+            encoder_hidden_states=text,
+            txt_ids=torch.zeros(5, 3),
+            img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
+            return_dict=False,
+        )[0]
+    torch.testing.assert_close(v, -FluxPipeline._unpack_latents(out, 8, 8, vae_scale_factor=1), rtol=1e-5, atol=1e-5)
+
+
 def test_lora_setting_errors_and_defaults():
     model = SD3Transformer(config=SD3_TINY, latent_size=8, lora=LoRA())
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -141,7 +183,7 @@ def test_flux_lora_defaults_and_bf16_base_under_autocast():
     assert all(p.dtype == torch.float32 for _, p in trainable)  # peft keeps adapters in float32
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not p.requires_grad)
     x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
-    cond = {"text": torch.randn(2, 5, 32), "pooled": torch.randn(2, 32)}
+    cond = {"text": torch.randn(2, 5, 32), "pooled": torch.randn(2, 64)}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         v = model(x, t, cond)
     assert v.dtype == torch.float32 and v.shape == x.shape  # shaped and typed like x

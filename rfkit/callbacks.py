@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from typing_extensions import override
 
 from rfkit.checkpoint import read_checkpoint
 from rfkit.diagnostics import flow_stats
@@ -49,6 +50,7 @@ class SampleGrid(pl.Callback):
     def __init__(self, num_samples: int = 64, seed: int = 0, upscale: int = 4) -> None:
         self.num_samples, self.seed, self.upscale = num_samples, seed, upscale
 
+    @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
@@ -75,6 +77,7 @@ class LossCurve(pl.Callback):
     loss over the last ``log_every_n_steps`` steps on all ranks.
     """
 
+    @override
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         curve = getattr(pl_module, "last_loss_by_t", None)
         if curve is None or trainer.sanity_checking or not trainer.is_global_zero:
@@ -120,6 +123,7 @@ class FlowDiagnostics(pl.Callback):
     ) -> None:
         self.num_samples, self.num_steps, self.w2_steps, self.seed = num_samples, num_steps, tuple(w2_steps), seed
 
+    @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
@@ -152,6 +156,7 @@ class InitFromCheckpoint(pl.Callback):
     def __init__(self, path: str) -> None:
         self.path = path
 
+    @override
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path is not None or trainer.global_step > 0:
             return

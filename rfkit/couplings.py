@@ -19,14 +19,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Literal
 
-import lap
-import numpy as np
-import ot
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from rfkit.distributed import broadcast_from_zero, gather_rows, local_rows, rank_and_world
+from rfkit.ot import exact_assignment, sinkhorn_plan
 from rfkit.plugin import Plugin
 
 __all__ = ["Coupling", "Independent", "MinibatchOT", "Reflow", "check_pair"]
@@ -91,7 +88,7 @@ class MinibatchOT(Coupling):
     ``min_pi sum_j ||x0[pi(j)] - x1[j]||^2``. Every noise row is used exactly once, so the noise
     marginal of the batch is untouched (torchcfm instead samples pairs from the plan with
     replacement, repeating some noise rows and dropping others). Solved exactly by
-    :func:`exact_assignment` (Jonker-Volgenant for latents, the network simplex for low-dimensional
+    :func:`rfkit.ot.exact_assignment` (Jonker-Volgenant for latents, the network simplex for low-dimensional
     data), on the CPU in float64.
 
     ``method="sinkhorn"``: the entropic plan ``P = argmin <P, C> - eps H(P)`` with uniform marginals,
@@ -155,65 +152,6 @@ class MinibatchOT(Coupling):
         plan = sinkhorn_plan(x0, x1, self.reg, self.max_iter, self.tol)
         where = generator.device if generator is not None else plan.device
         return torch.multinomial(plan.to(where), 1, generator=generator).squeeze(1).to(x0.device)
-
-
-LOW_DIM = 16
-"""Below this many dimensions per sample, exact OT uses the network simplex; from it on, Jonker-Volgenant."""
-
-
-def exact_assignment(x0: Tensor, x1: Tensor) -> Tensor:
-    """(n,) long tensor ``perm`` minimising ``sum_j ||x0[perm[j]] - x1[j]||^2``: a permutation.
-
-    Two exact solvers, chosen by the dimension d of a flattened sample, because their speed depends
-    on it in opposite ways (measured by ``tools/bench_ot.py``):
-
-    - d >= 16 (latents): Jonker-Volgenant (``lap.lapjv``) on ``-x1 @ x0.T``. The squared norms in
-      ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` do not depend on the permutation, so one matmul
-      on the inputs' device gives an equivalent cost matrix.
-    - d < 16 (e.g. 2-D toys): the cost matrix is nearly degenerate (many near-ties), which slows
-      shortest-augmenting-path solvers by 10x or more; the network simplex (POT's ``emd``) is not
-      hurt. With uniform marginals its optimal vertex is a permutation matrix, read off row-wise.
-
-    The solve runs on the CPU in float64; the result is moved to ``x0``'s device.
-    """
-    a = x1.reshape(x1.shape[0], -1)
-    b = x0.reshape(x0.shape[0], -1)
-    n, d = a.shape
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    if d >= LOW_DIM:
-        cost = -(a.to(work) @ b.to(work).T)  # (n_data, n_noise)
-        _, cols, _ = lap.lapjv(cost.cpu().double().numpy(), extend_cost=False)
-    else:
-        # noise along the rows: the simplex's pivot order then never does worse, and on moons it does
-        # 1.25x (n=256) to 1.6x (n=1024) fewer pivots than with the data along the rows
-        cost = torch.cdist(b.double(), a.double()).pow(2).cpu().numpy()  # (n_noise, n_data)
-        uniform = np.full(n, 1.0 / n)
-        plan = ot.emd(uniform, uniform, cost, numItermax=100_000_000)
-        cols = plan.argmax(axis=0)
-        if len(np.unique(cols)) != n:  # a degenerate vertex; never seen, but never return a non-permutation
-            _, cols = linear_sum_assignment(cost.T)
-    return torch.from_numpy(np.asarray(cols, dtype=np.int64)).to(x0.device)
-
-
-def sinkhorn_plan(x0: Tensor, x1: Tensor, reg: float, max_iter: int, tol: float) -> Tensor:
-    """(n_data, n_noise) entropic OT plan with uniform marginals, summing to 1."""
-    a = x1.reshape(x1.shape[0], -1).float()
-    b = x0.reshape(x0.shape[0], -1).float()
-    cost = torch.cdist(a, b).pow(2)  # (n, n)
-    n = cost.shape[0]
-    log_k = -cost / (reg * cost.mean().clamp_min(torch.finfo(cost.dtype).tiny))
-    log_marg = torch.full((n,), -float(np.log(n)), device=cost.device)
-    log_u, log_v = torch.zeros_like(log_marg), torch.zeros_like(log_marg)
-    for it in range(max_iter):
-        log_u = log_marg - torch.logsumexp(log_k + log_v[None, :], dim=1)
-        log_v = log_marg - torch.logsumexp(log_k + log_u[:, None], dim=0)
-        # the column update makes columns exact; rows measure convergence. Checking costs a sync,
-        # so look every 10 iterations only.
-        if it % 10 == 9:
-            rows = torch.logsumexp(log_k + log_u[:, None] + log_v[None, :], dim=1).exp() * n
-            if (rows - 1.0).abs().max() < tol:
-                break
-    return (log_u[:, None] + log_k + log_v[None, :]).exp()
 
 
 class Reflow(Coupling):

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import ModelParallelStrategy
+from typing_extensions import override
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -77,11 +78,13 @@ class FSDP2(ModelParallelStrategy):
             timeout=timeout,
         )
 
+    @override
     def setup_environment(self) -> None:
         # Lightning's "auto" is one data-parallel group per node; here every rank shards
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)

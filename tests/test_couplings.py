@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from rfkit.couplings import Independent, MinibatchOT, Reflow, sinkhorn_plan
+from rfkit.couplings import Independent, MinibatchOT, Reflow
+from rfkit.ot import sinkhorn_plan
 
 
 def batch(shape, seed=0, dtype=torch.float64):

@@ -121,3 +121,17 @@ def test_mlp_is_torchcfm_network():
         3,
         2,
     ]
+
+
+def test_the_null_label_lives_in_the_label_embedding():
+    from rfkit.models import MLP, DiT
+    from rfkit.models.layers import LabelEmbedding
+
+    embed = LabelEmbedding(3, 4)
+    assert embed.weight.shape == (4, 4)  # three classes and the null one
+    dropped = embed.drop(torch.tensor([0, 1, 2]), torch.tensor([True, False, True]))
+    assert dropped.tolist() == [3, 1, 3]
+    for model in (MLP(num_classes=3), DiT(in_channels=1, input_size=4, width=32, depth=1, heads=2, num_classes=3)):
+        cond = model.drop_condition({"cls": torch.tensor([0, 2])}, torch.tensor([False, True]))
+        assert cond["cls"].tolist() == [0, 3]
+        assert "y_embed.weight" in model.state_dict()  # checkpoints from before keep loading

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from rfkit.data.batches import BatchLoader, TensorBatches, global_batch_split
 
@@ -76,6 +77,7 @@ class Digits(pl.LightningDataModule):
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.val_fraction, self.seed, self.global_batch_size = val_fraction, seed, global_batch_size
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
             world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
@@ -87,9 +89,11 @@ class Digits(pl.LightningDataModule):
         self.train_set = {"latent": images[train], "cls": labels[train]}
         self.val_set = {"latent": images[val], "cls": labels[val]}
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return BatchLoader(TensorBatches(self.train_set, self.batch_size, self.batches_per_epoch, self.seed))
 
+    @override
     def val_dataloader(self) -> DataLoader:
         batch = min(self.batch_size, len(self.val_set["cls"]))
         return DataLoader(TensorBatches(self.val_set, batch, None), batch_size=None)

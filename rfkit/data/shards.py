@@ -20,21 +20,18 @@ Bad data, as real pipelines produce it:
 from __future__ import annotations
 
 import os
-import warnings
 from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from rfkit.data.batches import rank_and_world
 from rfkit.data.schema import MANIFEST, Manifest
 from rfkit.data.stream import ShardInfo, ShardStream
 
 __all__ = ["LatentShards", "resolve_shards"]
-
-# Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is exact
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
 
 
 def _is_local(url: str) -> bool:
@@ -145,6 +142,7 @@ class LatentShards(pl.LightningDataModule):
         self._reported_at = -1
         self._passes: list[int] | None = None  # from a checkpoint: resumed runs do not replay the same order
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         # checked before any step; ranks agree on the outcome (a rank whose disk lacks a shard
         # must not leave the others waiting in their first all-reduce)
@@ -173,11 +171,13 @@ class LatentShards(pl.LightningDataModule):
         workers = self.num_workers
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         if not hasattr(self, "train"):
             self.setup("fit")
         return self._loader("train", self.train, self.info, self.batch_size, self.batches_per_epoch)
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         if not hasattr(self, "train"):
             self.setup("validate")
@@ -185,15 +185,18 @@ class LatentShards(pl.LightningDataModule):
             return []
         return self._loader("val", *self.val, self.val_batch_size, None)
 
+    @override
     def state_dict(self) -> dict:
         """Saved in checkpoints: how many epochs each worker of the training stream has begun."""
         return {"passes": list(self.streams["train"].passes)} if "train" in self.streams else {}
 
+    @override
     def load_state_dict(self, state: dict) -> None:
         self._passes = state.get("passes")
 
     # ------------------------------------------------------------------ bad-data accounting
 
+    @override
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer
         if trainer is not None and trainer.training and trainer.log_every_n_steps > 0:

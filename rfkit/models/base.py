@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from rfkit.paths import expand_t
+
 Cond = Mapping[str, Tensor]
 """Conditioning, batch-first: ``cls`` (B,) class labels, ``text`` (B, L, D) and ``pooled`` (B, D)
 precomputed text embeddings. A model reads the keys it declares and ignores the rest."""
@@ -47,6 +49,5 @@ def zero_condition(cond: Cond, drop: Tensor, keys: tuple[str, ...]) -> dict[str,
     of text-conditioned models (SD3 drops its text encoders to zero embeddings)."""
     out = dict(cond)
     for key in keys:
-        keep = (~drop).reshape(-1, *([1] * (cond[key].ndim - 1))).to(cond[key].dtype)
-        out[key] = cond[key] * keep
+        out[key] = cond[key] * expand_t(~drop, cond[key])
     return out

@@ -30,6 +30,22 @@ def sinusoidal(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     return F.pad(emb, (0, dim % 2))
 
 
+class LabelEmbedding(nn.Embedding):
+    """Class labels (B,) in 0..num_classes-1 -> (B, D), plus the null label ``num_classes``: the
+    learned "no class" that classifier-free guidance trains with (dropped labels) and samples against.
+
+    The one home of the null class: models embed with it and drop to it with :meth:`drop`.
+    """
+
+    def __init__(self, num_classes: int, width: int) -> None:
+        super().__init__(num_classes + 1, width)
+        self.num_classes = num_classes
+
+    def drop(self, labels: Tensor, drop: Tensor) -> Tensor:
+        """(B,) labels with the rows where ``drop`` (B,) bool is True replaced by the null label."""
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+
 class TimestepEmbedder(nn.Module):
     """t (B,) -> (B, D): sinusoidal features through a 2-layer MLP (DiT)."""
 

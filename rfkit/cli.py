@@ -1,7 +1,8 @@
 """``rfkit``: the command line. ``rfkit fit|validate|test|predict --config FILE`` (a LightningCLI);
 ``rfkit sample`` draws from a checkpoint, ``rfkit reflow`` makes (noise, sample) pairs for k-rectified
-flow, ``rfkit encode`` turns images into latent shards and ``rfkit index`` writes the manifest of
-shards another tool wrote (each has ``--help``).
+flow, ``rfkit encode`` turns images into latent shards, ``rfkit index`` writes the manifest of
+shards another tool wrote and ``rfkit export`` writes a fine-tuned SD3 / Flux transformer (or its LoRA)
+as a folder diffusers loads (each has ``--help``).
 
 Every component is named in YAML by ``class_path`` (a full dotted path) or by its short class name
 when the class is importable: rfkit's built-ins, and classes of any package that declares the
@@ -43,6 +44,7 @@ import rfkit.callbacks
 import rfkit.couplings
 import rfkit.data
 import rfkit.models
+import rfkit.models.pretrained
 import rfkit.solvers
 import rfkit.strategies
 import rfkit.timesteps
@@ -204,13 +206,14 @@ COMMANDS = {
     "reflow": "rfkit.commands.reflow:reflow",
     "encode": "rfkit.commands.encode:encode",
     "index": "rfkit.commands.index:index",
+    "export": "rfkit.commands.export:export",
 }
 """The commands besides LightningCLI's fit/validate/test/predict: functions whose signatures are
 their options (jsonargparse), imported when run so that ``rfkit fit`` does not pay for them."""
 
 
 def run_command(name: str, args: list[str]) -> None:
-    """``rfkit sample|reflow|encode|index ...``: parse the options, run, print the returned report."""
+    """``rfkit sample|reflow|encode|index|export ...``: parse the options, run, print the returned report."""
     from jsonargparse import auto_cli
 
     module, function = COMMANDS[name].split(":")

@@ -278,7 +278,8 @@ class RectifiedFlow(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.model.parameters())
+        # trainable parameters only: under LoRA the frozen base gets no optimizer state
+        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

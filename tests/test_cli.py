@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pretrained_fixtures import SD3_LORA_TINY, write_sd3_shards
 from scale_fixtures import child_env
 from wandb_log import history
 
@@ -47,11 +48,13 @@ TINY["digits_ddp.yaml"] = TINY["digits_fsdp.yaml"] = [
     "--model.sample_steps=2",
 ]
 TINY["toy2d_reflow.yaml"] = [*TINY["toy2d.yaml"][:1], "--data.init_args.batch_size=64", "--model.sample_steps=2"]
+TINY["sd3_lora.yaml"] = SD3_LORA_TINY
 TINY["digits_reflow.yaml"] = [*TINY["digits.yaml"][:2], "--data.init_args.batch_size=32", "--model.sample_steps=2"]
 DATA = {
     "digits_text.yaml": "digits_text_shards",
     "toy2d_reflow.yaml": "reflow_pairs",
     "digits_reflow.yaml": "reflow_pairs",
+    "sd3_lora.yaml": "sd3_shards",
 }
 """Configs that train on generated data: the fixture that makes it. The test runs in that directory
 (the configs' relative paths resolve there), and ``{data}`` in TINY is its path."""
@@ -74,6 +77,12 @@ def digits_text_shards(tmp_path_factory) -> Path:
              "--max_text_tokens", "8", "--resolution", "8", "--grayscale", "--samples_per_shard", per_shard]
         )  # fmt: skip
     return root
+
+
+@pytest.fixture(scope="session")
+def sd3_shards(tmp_path_factory) -> Path:
+    """Random latents and text embeddings shaped for the tiny SD3 of tests/pretrained_fixtures.py."""
+    return write_sd3_shards(tmp_path_factory.mktemp("sd3"))
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rfkit.models.base import Cond, VelocityModel
+from rfkit.models.base import Cond, VelocityModel, zero_condition
 from rfkit.models.layers import FinalLayer, Patches, Stream, TimestepEmbedder, attend
-from rfkit.paths import expand_t
 
 
 class JointBlock(nn.Module):
@@ -81,10 +80,7 @@ class MMDiT(VelocityModel):
         return self.patches.unpatchify(self.final(tokens, c), like=x)
 
     def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
-        out = dict(cond)
-        for key in ("text", "pooled"):
-            out[key] = cond[key] * expand_t(~drop, cond[key])  # SD3 drops text to zero embeddings
-        return out
+        return zero_condition(cond, drop, ("text", "pooled"))  # SD3 drops text to zero embeddings
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
         return self.patches.num_tokens(latent_shape)

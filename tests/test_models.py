@@ -135,3 +135,21 @@ def test_the_null_label_lives_in_the_label_embedding():
         cond = model.drop_condition({"cls": torch.tensor([0, 2])}, torch.tensor([False, True]))
         assert cond["cls"].tolist() == [0, 3]
         assert "y_embed.weight" in model.state_dict()  # checkpoints from before keep loading
+
+
+@pytest.mark.parametrize("name", ["DiT", "MMDiT"])
+def test_every_parameter_gets_a_gradient(name):
+    """DDP refuses a model with parameters outside the graph (MMDiT's last text stream once was)."""
+    from rfkit.models import DiT, MMDiT
+
+    torch.manual_seed(0)
+    if name == "DiT":
+        model, cond = (
+            DiT(in_channels=2, input_size=4, width=32, depth=2, heads=2, num_classes=3),
+            {"cls": torch.tensor([0, 2])},
+        )
+    else:
+        model = MMDiT(in_channels=2, input_size=4, text_dim=8, pooled_dim=8, width=32, depth=2, heads=2)
+        cond = {"text": torch.randn(2, 3, 8), "pooled": torch.randn(2, 8)}
+    model(torch.randn(2, 2, 4, 4), torch.rand(2), cond).square().sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

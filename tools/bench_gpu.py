@@ -213,17 +213,10 @@ class ClockCallback(pl.Callback):
         self.clock.tick(trainer.global_step, outputs["loss"])
 
 
-def unused(model: nn.Module) -> bool:
-    """Whether DDP must look for parameters without gradients: MMDiT's last block updates the text
-    tokens, which nothing reads after it (SD3 leaves that update out), so its text MLP and output
-    projection get no gradient and DDP would stop with an error. Both sides pay the search alike."""
-    return isinstance(model, MMDiT)
-
-
 def train_rfkit(model, cfg: Config, loader, clock: Clock, device: torch.device) -> nn.Module:
     """Train with rfkit's RectifiedFlow under Lightning; returns the trained velocity model."""
     module = RectifiedFlow(model, optimizer=OPTIMIZER, activation_checkpointing=cfg.checkpointing, compile=cfg.compile)
-    strategy = DDPStrategy(find_unused_parameters=unused(model)) if cfg.strategy == "ddp" else FSDP2()
+    strategy = DDPStrategy() if cfg.strategy == "ddp" else FSDP2()
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
@@ -256,7 +249,7 @@ def train_plain(model, cfg: Config, loader, clock: Clock, device: torch.device) 
     wrapped = model
     if cfg.strategy == "ddp":
         ids = [device] if device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused(model))
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = OPTIMIZER(model.parameters())
     for step, batch in enumerate(loader, start=1):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,7 +1,7 @@
 """Callbacks: sample grids, per-t loss curves and flow diagnostics, for the run directory and W&B.
 
-EMA needs no callback of ours: Lightning's ``EMAWeightAveraging`` swaps the averaged weights in
-for validation, and both callbacks below act during validation, so they see the EMA weights.
+EMA (:class:`rfkit.ema.EMA`, or Lightning's ``EMAWeightAveraging`` without FSDP2) swaps the averaged
+weights in for validation, and the callbacks below act during validation, so they see the EMA weights.
 """
 
 from __future__ import annotations

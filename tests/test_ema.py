@@ -122,3 +122,32 @@ def test_bad_settings_are_refused():
         EMA(decay=1.5)
     with pytest.raises(ValueError, match="update_every must be >= 1"):
         EMA(update_every=0)
+
+
+def test_a_checkpoint_saved_while_swapped_keeps_trained_and_average_apart(tmp_path):
+    # SIGTERM mid-validation saves with the average swapped in: the file must not mix them up
+    ema = EMA(decay=0.5)
+    module = Climb()
+    trainer(tmp_path, [ema], max_steps=3).fit(module)
+    with ema.swapped(module):
+        module.trainer.save_checkpoint(tmp_path / "swapped.ckpt")
+    module.trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    swapped, plain = (torch.load(tmp_path / f"{n}.ckpt", weights_only=True)["state_dict"] for n in ("swapped", "plain"))
+    assert swapped.keys() == plain.keys() and all(torch.equal(swapped[k], plain[k]) for k in plain)
+    assert plain["w"].item() == 3.5 and plain[f"{PREFIX}w"].item() != 3.5
+
+
+@pytest.mark.parametrize("callback", ["lightning", "rfkit-full-file"])
+def test_fsdp2_refuses_an_unsharded_ema_and_a_full_file_checkpoint(tmp_path, callback):
+    from rfkit.strategies import FSDP2
+
+    ema = EMAWeightAveraging() if callback == "lightning" else EMA()
+    strategy = FSDP2(save_distributed_checkpoint=callback == "lightning")
+    flow = RectifiedFlow(DiT(in_channels=1, input_size=8, width=32, depth=1, heads=2, num_classes=10))
+    expected = "replace it in trainer.callbacks by rfkit.ema.EMA" if callback == "lightning" else "save_distributed"
+    try:
+        with pytest.raises(ValueError, match=expected):
+            trainer(tmp_path, [ema], max_steps=1, devices=1, strategy=strategy).fit(flow, Digits(batch_size=8))
+    finally:  # the 1-rank process group the strategy started must not leak into later tests
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -151,3 +151,23 @@ def test_fsdp2_refuses_an_unsharded_ema_and_a_full_file_checkpoint(tmp_path, cal
     finally:  # the 1-rank process group the strategy started must not leak into later tests
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def test_lightning_ema_still_leaves_the_trained_weights_in_the_last_checkpoint(tmp_path):
+    # the configs moved to rfkit.ema.EMA; Lightning's EMAWeightAveraging (no FSDP2) stays supported:
+    # it copies the average into the model when training ends, and rfkit.resume.Resume keeps the trained
+    # weights for the last.ckpt written after that
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from rfkit.resume import Resume
+
+    torch.manual_seed(0)
+    flow = RectifiedFlow(DiT(in_channels=1, input_size=8, width=32, depth=1, heads=2, num_classes=10))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2)
+    callbacks = [EMAWeightAveraging(decay=0.5), Resume(), checkpoints]
+    trainer(tmp_path, callbacks, max_steps=3, limit_val_batches=0).fit(flow, Digits(batch_size=16, batches_per_epoch=5))
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    key = "model.final.proj.weight"
+    assert torch.equal(ckpt["state_dict"][key], flow.state_dict()[key])  # the average, copied into the model
+    assert not torch.equal(ckpt["current_model_state"][key], ckpt["state_dict"][key])  # the trained weights

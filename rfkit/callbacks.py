@@ -142,8 +142,8 @@ class InitFromCheckpoint(pl.Callback):
 
     The weights are the checkpoint's ``state_dict``: its EMA average when the run had EMA. Only a
     fresh run is initialised; a resumed run (``ckpt_path`` set, or a step > 0) keeps its own weights.
-    An EMA callback of this run starts its average from these weights: ``AveragedModel`` copies
-    the live weights at its first update.
+    An EMA of this run (:class:`rfkit.ema.EMA`, or Lightning's) starts its average from these
+    weights: its first update copies the weights.
 
     Args:
         path: checkpoint written by ``rfkit fit``; the architectures must match.

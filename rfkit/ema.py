@@ -194,9 +194,6 @@ class EMA(pl.Callback):
             pl_module.register_load_state_dict_pre_hook(take_averages)
             pl_module._rfkit_ema_hook = True
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure(pl_module)  # the weights the run starts from (or the checkpoint's averages)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # global_step counts optimizer steps; under gradient accumulation this hook runs per micro-batch
         if trainer.global_step > self.latest_update_step and self.should_update(trainer.global_step - 1):

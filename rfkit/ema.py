@@ -23,7 +23,9 @@ update after step index ``i = global_step - 1`` when ``i >= start_step`` and ``i
 - buffers and frozen parameters are not averaged (Lightning averages buffers by default);
 - the average is not copied into the model when training ends: the module keeps its trained
   weights; use ``with ema.swapped(module):`` or load the checkpoint for the EMA weights;
-- ``a = decay * a + (1 - decay) * p`` is computed as Lightning's ``get_ema_avg_fn`` computes it.
+- the update is one in-place ``lerp`` (``a + (1 - decay) (p - a)``, as torch's
+  ``get_ema_multi_avg_fn``; no temporary copy of the weights), where Lightning's ``get_ema_avg_fn``
+  rounds ``decay * a`` and ``(1 - decay) * p`` apart: the two agree to float rounding.
 """
 
 from __future__ import annotations
@@ -133,9 +135,8 @@ class EMA(pl.Callback):
         params = [_local(p.detach()) for p in self.params]
         if self.updates == 0:
             torch._foreach_copy_(average, params)
-        else:  # decay * a + (1 - decay) * p, rounded step by step as torch.optim.swa_utils.get_ema_avg_fn
-            torch._foreach_mul_(average, self.decay)
-            torch._foreach_add_(average, torch._foreach_mul(params, 1 - self.decay))
+        else:  # a + (1 - decay) (p - a) = decay a + (1 - decay) p, in place
+            torch._foreach_lerp_(average, params, 1 - self.decay)
         self.updates += 1
 
     def should_update(self, step_idx: int) -> bool:
@@ -147,9 +148,14 @@ class EMA(pl.Callback):
         """Swaps the weights' and the averages' values in place, one tensor at a time (bitwise, no comms)."""
         average = self._ensure(pl_module)
         _reshard(pl_module)
+        largest = max((a.numel() for a in map(_local, average)), default=0)
+        scratch = {}  # one buffer per dtype, of the largest tensor: no copy of the whole model
         for p, a in zip(self.params, average, strict=True):
             p_local, a_local = _local(p.detach()), _local(a)
-            tmp = p_local.clone()
+            if p_local.dtype not in scratch:
+                scratch[p_local.dtype] = torch.empty(largest, dtype=p_local.dtype, device=p_local.device)
+            tmp = scratch[p_local.dtype][: p_local.numel()].view(p_local.shape)
+            tmp.copy_(p_local)
             p_local.copy_(a_local)
             a_local.copy_(tmp)
         self._swapped = not self._swapped

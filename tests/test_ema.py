@@ -75,8 +75,8 @@ def test_same_average_as_lightning_ema_on_a_real_run(tmp_path):
     trainer(tmp_path, [ours, theirs], max_steps=7, limit_val_batches=0, enable_checkpointing=False).fit(flow, data)
     reference = dict(theirs._average_model.module.named_parameters())
     assert ours.updates == 3 and len(ours.names) == len(reference)
-    for name, a in zip(ours.names, ours.average, strict=True):
-        assert torch.equal(a, reference[name]), name  # bitwise: the same formula, rounded the same way
+    for name, a in zip(ours.names, ours.average, strict=True):  # lerp against mul-add: float rounding apart
+        torch.testing.assert_close(a, reference[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_checkpoint_file_holds_the_average_and_resumes_it(tmp_path):

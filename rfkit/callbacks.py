@@ -1,7 +1,7 @@
 """Callbacks: sample grids, per-t loss curves and flow diagnostics, for the run directory and W&B.
 
-EMA needs no callback of ours: Lightning's ``EMAWeightAveraging`` swaps the averaged weights in
-for validation, and both callbacks below act during validation, so they see the EMA weights.
+EMA (:class:`rfkit.ema.EMA`, or Lightning's ``EMAWeightAveraging`` without FSDP2) swaps the averaged
+weights in for validation, and the callbacks below act during validation, so they see the EMA weights.
 """
 
 from __future__ import annotations
@@ -146,8 +146,8 @@ class InitFromCheckpoint(pl.Callback):
 
     The weights are the checkpoint's ``state_dict``: its EMA average when the run had EMA. Only a
     fresh run is initialised; a resumed run (``ckpt_path`` set, or a step > 0) keeps its own weights.
-    An EMA callback of this run starts its average from these weights: ``AveragedModel`` copies
-    the live weights at its first update.
+    An EMA of this run (:class:`rfkit.ema.EMA`, or Lightning's) starts its average from these
+    weights: its first update copies the weights.
 
     Args:
         path: checkpoint written by ``rfkit fit``; the architectures must match.

@@ -4,8 +4,9 @@ What a checkpoint restores, and who keeps it:
 
 ==========================  ===============================================================
 weights, optimizer, LR      Lightning (``state_dict``, ``optimizer_states``, ``lr_schedulers``)
-EMA average                 Lightning's ``EMAWeightAveraging`` (``state_dict`` holds the average,
-                            ``current_model_state`` the trained weights)
+EMA average                 :class:`rfkit.ema.EMA` (``state_dict`` under ``ema/<name>``, sharded
+                            under FSDP2), or Lightning's ``EMAWeightAveraging`` (``state_dict`` holds
+                            the average, ``current_model_state`` the trained weights)
 global step, epoch, batch   Lightning's loop state
 data position               :class:`rfkit.data.batches.BatchLoader` (a "stateful" loader)
 training noise, t, drops    nothing to keep: drawn from (seed, step, batch), see RectifiedFlow

@@ -159,12 +159,12 @@ def test_checkpoint_rebuilds_its_model(tmp_path):
     assert len(module.run_config["git_revision"]) == 40 or module.run_config["git_revision"] == "unknown"
     x = module.sample(torch.randn(3, 1, 8, 8), {"cls": torch.tensor([0, 1, 2])}, num_steps=2)
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
-    # EMA: a checkpoint's weights are the average, not the live weights, and those are what we load
+    # EMA: a checkpoint holds the average beside the trained weights, and the average is what we load
     path = tmp_path / "every3" / "epoch=0-step=3.ckpt"
-    ckpt = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True)["state_dict"]
     key = "model.final.proj.weight"
-    assert not torch.equal(ckpt["state_dict"][key], ckpt["current_model_state"][key])
-    assert torch.equal(rfkit.load_checkpoint(path).state_dict()[key], ckpt["state_dict"][key])
+    assert not torch.equal(state[key], state[f"ema/{key}"])
+    assert torch.equal(rfkit.load_checkpoint(path).state_dict()[key], state[f"ema/{key}"])
 
 
 def test_foreign_checkpoints_are_refused(tmp_path):

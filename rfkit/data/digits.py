@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from rfkit.data.batches import BatchLoader, TensorBatches, global_batch_split
+from rfkit.data.batches import BatchLoader, TensorBatches, per_rank_batch
 
 __all__ = ["Digits", "export_images"]
 
@@ -79,9 +79,7 @@ class Digits(pl.LightningDataModule):
 
     @override
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
-            self.batch_size = global_batch_split(self.global_batch_size, self.batch_size, world, accumulate)
+        self.batch_size = per_rank_batch(self.global_batch_size, self.batch_size, self.trainer)
         digits = load_digits()
         images = torch.from_numpy(digits.images).float().div(8.0).sub(1.0).unsqueeze(1)  # (N, 1, 8, 8)
         labels = torch.from_numpy(digits.target).long()

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from rfkit.data.batches import BatchLoader, Position, global_batch_split, rank_and_world, stream_seed
+from rfkit.data.batches import BatchLoader, Position, per_rank_batch, rank_and_world, stream_seed
 
 __all__ = ["Checkerboard", "Circles", "EightGaussians", "Moons", "Spirals", "Toy2D", "ToyDistribution"]
 
@@ -152,9 +152,7 @@ class Toy2D(pl.LightningDataModule):
 
     @override
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
-            self.batch_size = global_batch_split(self.global_batch_size, self.batch_size, world, accumulate)
+        self.batch_size = per_rank_batch(self.global_batch_size, self.batch_size, self.trainer)
 
     @override
     def train_dataloader(self) -> DataLoader:

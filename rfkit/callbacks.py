@@ -1,7 +1,7 @@
 """Callbacks: sample grids, per-t loss curves and flow diagnostics, for the run directory and W&B.
 
-EMA needs no callback of ours: Lightning's ``EMAWeightAveraging`` swaps the averaged weights in
-for validation, and both callbacks below act during validation, so they see the EMA weights.
+EMA (:class:`rfkit.ema.EMA`, or Lightning's ``EMAWeightAveraging`` without FSDP2) swaps the averaged
+weights in for validation, and the callbacks below act during validation, so they see the EMA weights.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from typing_extensions import override
 
 from rfkit.checkpoint import read_checkpoint
+from rfkit.data.schema import COND_KEYS
 from rfkit.diagnostics import flow_stats
 from rfkit.images import sample_image
 from rfkit.metrics import Wasserstein2
-from rfkit.module import COND_KEYS
 from rfkit.sampling import guided_velocity
 from rfkit.solvers import Euler
 
@@ -49,6 +50,7 @@ class SampleGrid(pl.Callback):
     def __init__(self, num_samples: int = 64, seed: int = 0, upscale: int = 4) -> None:
         self.num_samples, self.seed, self.upscale = num_samples, seed, upscale
 
+    @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
@@ -75,6 +77,7 @@ class LossCurve(pl.Callback):
     loss over the last ``log_every_n_steps`` steps on all ranks.
     """
 
+    @override
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         curve = getattr(pl_module, "last_loss_by_t", None)
         if curve is None or trainer.sanity_checking or not trainer.is_global_zero:
@@ -122,6 +125,7 @@ class FlowDiagnostics(pl.Callback):
     ) -> None:
         self.num_samples, self.num_steps, self.w2_steps, self.seed = num_samples, num_steps, tuple(w2_steps), seed
 
+    @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
@@ -144,8 +148,8 @@ class InitFromCheckpoint(pl.Callback):
 
     The weights are the checkpoint's ``state_dict``: its EMA average when the run had EMA. Only a
     fresh run is initialised; a resumed run (``ckpt_path`` set, or a step > 0) keeps its own weights.
-    An EMA callback of this run starts its average from these weights: ``AveragedModel`` copies
-    the live weights at its first update.
+    An EMA of this run (:class:`rfkit.ema.EMA`, or Lightning's) starts its average from these
+    weights: its first update copies the weights.
 
     A model with a second time (``second_time: true``, for MeanFlow or Shortcut) may start from a
     checkpoint without one: its zero-initialised second-time embedding is kept.
@@ -157,6 +161,7 @@ class InitFromCheckpoint(pl.Callback):
     def __init__(self, path: str) -> None:
         self.path = path
 
+    @override
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path is not None or trainer.global_step > 0:
             return

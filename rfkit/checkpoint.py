@@ -13,6 +13,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint written by ``rfkit fit`` with ``weights_only=True``; ValueError if it is not one.
 
     ``path`` is a file, or the folder of a sharded (FSDP2) checkpoint, assembled here into one.
+    When the run kept an :class:`rfkit.ema.EMA`, ``state_dict`` holds the averaged weights (the
+    others as trained) and ``current_model_state`` the trained ones, as with Lightning's EMA.
     """
     path = Path(path)
     sharded = path.is_dir() and (path / ".metadata").is_file()  # FSDP2 writes a folder, a file per rank
@@ -28,6 +30,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from err
     if not isinstance(ckpt, dict) or "rfkit" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not an rfkit checkpoint (no 'rfkit' section); was it written by `rfkit fit`?")
+    from rfkit.ema import split_state_dict
+
+    trained, averages = split_state_dict(ckpt["state_dict"])
+    if averages:
+        ckpt["state_dict"], ckpt["current_model_state"] = {**trained, **averages}, trained
     hparams = ckpt.get("hyper_parameters", {})
     if "model" not in hparams:
         raise ValueError(
@@ -52,9 +59,9 @@ def _assemble_sharded(folder: Path, map_location: str | torch.device) -> dict[st
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     """The :class:`rfkit.module.RectifiedFlow` stored at ``path``, in eval mode, ready to ``sample``.
 
-    Weights are the EMA weights when the run used ``EMAWeightAveraging`` (Lightning stores the
-    average as the checkpoint's ``state_dict``). The module is rebuilt from the config the
-    checkpoint carries; its whole run config is at ``module.run_config``.
+    Weights are the EMA weights when the run kept an EMA (:class:`rfkit.ema.EMA`, or Lightning's
+    ``EMAWeightAveraging``, which stores the average as the checkpoint's ``state_dict``). The module
+    is rebuilt from the config the checkpoint carries; its whole run config is at ``module.run_config``.
     """
     from lightning.pytorch.cli import instantiate_module
 

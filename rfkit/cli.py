@@ -1,7 +1,8 @@
 """``rfkit``: the command line. ``rfkit fit|validate|test|predict --config FILE`` (a LightningCLI);
 ``rfkit sample`` draws from a checkpoint, ``rfkit reflow`` makes (noise, sample) pairs for k-rectified
-flow, ``rfkit encode`` turns images into latent shards and ``rfkit index`` writes the manifest of
-shards another tool wrote (each has ``--help``).
+flow, ``rfkit encode`` turns images into latent shards, ``rfkit index`` writes the manifest of
+shards another tool wrote and ``rfkit export`` writes a fine-tuned SD3 / Flux transformer (or its LoRA)
+as a folder diffusers loads (each has ``--help``).
 
 Every component is named in YAML by ``class_path`` (a full dotted path) or by its short class name
 when the class is importable: rfkit's built-ins, and classes of any package that declares the
@@ -23,6 +24,7 @@ run. See :mod:`rfkit.resume` for what is restored.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -35,12 +37,14 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 # imported so that their classes resolve by short name in configs and on the command line
 import rfkit.callbacks
 import rfkit.couplings
 import rfkit.data
 import rfkit.models
+import rfkit.models.pretrained
 import rfkit.objectives
 import rfkit.solvers
 import rfkit.strategies
@@ -55,6 +59,18 @@ from rfkit.runs import LogConfig, git_revision, sweep_run_name
 
 PLUGIN_GROUP = "rfkit.plugins"
 DEFAULT_ROOT = "runs/default"
+
+
+def quiet_known_warnings() -> None:
+    """Silence Lightning warnings that do not apply to rfkit runs (for the command's duration only:
+    ``main`` scopes them with ``warnings.catch_warnings``, so a notebook's own filters are untouched)."""
+    # an IterableDataset's __len__ may be wrong with several workers; LatentShards' is exact
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+    # RectifiedFlow.configure_model is idempotent and refuses sharding under EMA: the generic
+    # "WeightAveraging doesn't support sharding model layers" warning says nothing for rfkit runs
+    warnings.filterwarnings(
+        "ignore", message=".*WeightAveraging callback with a model that overrides the configure_model"
+    )
 
 
 def load_plugins() -> list[str]:
@@ -93,6 +109,7 @@ class RFKitCLI(LightningCLI):
             run=run,
         )
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Resume, "resume")  # always on: RNG states, SIGTERM, auto-resume
         parser.set_defaults(
@@ -105,10 +122,12 @@ class RFKitCLI(LightningCLI):
             }
         )
 
+    @override
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         with class_switch_resets():  # a component whose class changes starts from that class's defaults
             super().parse_arguments(parser, args)
 
+    @override
     def before_instantiate_classes(self) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -159,6 +178,7 @@ class RFKitCLI(LightningCLI):
             if run_id and logger.class_path.endswith("WandbLogger") and not (args.get("id") or args.get("version")):
                 args.id = run_id  # WandbLogger resumes a run it is given the id of
 
+    @override
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -166,6 +186,7 @@ class RFKitCLI(LightningCLI):
             config = self.config[self.subcommand] if self.subcommand else self.config
             self.parser.error(f"a config value was refused: {err}\n{refused_value_hint(str(err), config)}".strip())
 
+    @override
     def after_instantiate_classes(self) -> None:
         trainer = self.trainer
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # (a plugin from the config is kept)
@@ -181,19 +202,27 @@ class RFKitCLI(LightningCLI):
         self.model.run_config = {"config": dumped[self.subcommand] if self.subcommand else dumped, **git_revision()}
 
 
+COMMANDS = {
+    "sample": "rfkit.commands.sample:sample",
+    "reflow": "rfkit.commands.reflow:reflow",
+    "encode": "rfkit.commands.encode:encode",
+    "index": "rfkit.commands.index:index",
+    "export": "rfkit.commands.export:export",
+}
+"""The commands besides LightningCLI's fit/validate/test/predict: functions whose signatures are
+their options (jsonargparse), imported when run so that ``rfkit fit`` does not pay for them."""
+
+
 def run_command(name: str, args: list[str]) -> None:
-    """``rfkit sample|reflow|index ...``: functions whose signatures are their options."""
+    """``rfkit sample|reflow|encode|index|export ...``: parse the options, run, print the returned report."""
     from jsonargparse import auto_cli
 
-    from rfkit.commands.index import index
-    from rfkit.commands.reflow import reflow
-    from rfkit.commands.sample import sample
-
-    commands = {"sample": sample, "reflow": reflow, "index": index}
+    module, function = COMMANDS[name].split(":")
+    command = getattr(importlib.import_module(module), function)
     try:
         with class_switch_resets():
-            result = auto_cli(commands[name], args=args, as_positional=False, prog=f"rfkit {name}")
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: say what, no traceback
+            result = auto_cli(command, args=args, as_positional=False, prog=f"rfkit {name}")
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:  # bad input: say what, no traceback
         sys.exit(f"rfkit {name}: error: {err}")
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
         print(yaml.safe_dump(result, sort_keys=False).rstrip())
@@ -202,16 +231,14 @@ def run_command(name: str, args: list[str]) -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``rfkit`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv[:1] == ["encode"]:  # not a LightningCLI subcommand: images -> latent shards
-        from rfkit.encode import main as encode
-
-        return encode(argv[1:])
     load_plugins()
-    if argv and argv[0] in ("sample", "reflow", "index"):
+    if argv and argv[0] in COMMANDS:
         run_command(argv[0], argv[1:])
         return
     try:
-        RFKitCLI(args=args)
+        with warnings.catch_warnings():
+            quiet_known_warnings()
+            RFKitCLI(args=args)
     finally:
         # one command, one W&B run: close it so its files are complete, and so a later command in
         # the same process (a notebook, a test) does not append to it

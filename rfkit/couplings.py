@@ -3,7 +3,7 @@
 A coupling receives a batch of noise ``x0`` and data ``x1`` and returns the pairs to train on.
 It never moves ``x1``: labels and text embeddings are indexed like ``x1`` and must stay aligned.
 It reorders or replaces ``x0`` only. The batch's conditioning comes along read-only as ``cond``
-(the keys of :data:`rfkit.module.COND_KEYS`, e.g. ``cond["cls"]``), so a coupling may pair within
+(the keys of :data:`rfkit.data.schema.COND_KEYS`, e.g. ``cond["cls"]``), so a coupling may pair within
 classes without ever seeing, or moving, anything but the noise.
 
 Why it matters (docs/design.md §2): with the independent coupling straight paths cross, the network can
@@ -17,19 +17,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, NamedTuple
 
-import lap
-import numpy as np
-import ot
 import torch
-from scipy.optimize import linear_sum_assignment
+import torch.distributed as dist
 from torch import Tensor
 
 from rfkit.distributed import broadcast_from_zero, gather_rows, local_rows, rank_and_world
+from rfkit.ot import exact_assignment, sinkhorn_plan
 from rfkit.plugin import Plugin
 
-__all__ = ["Coupling", "Independent", "MinibatchOT", "Reflow", "check_pair"]
+__all__ = ["Coupling", "Independent", "MinibatchOT", "OTGap", "Reflow", "check_pair", "ot_gap", "pair_cost"]
 
 
 class Coupling(Plugin, ABC):
@@ -91,7 +89,7 @@ class MinibatchOT(Coupling):
     ``min_pi sum_j ||x0[pi(j)] - x1[j]||^2``. Every noise row is used exactly once, so the noise
     marginal of the batch is untouched (torchcfm instead samples pairs from the plan with
     replacement, repeating some noise rows and dropping others). Solved exactly by
-    :func:`exact_assignment` (Jonker-Volgenant for latents, the network simplex for low-dimensional
+    :func:`rfkit.ot.exact_assignment` (Jonker-Volgenant for latents, the network simplex for low-dimensional
     data), on the CPU in float64.
 
     ``method="sinkhorn"``: the entropic plan ``P = argmin <P, C> - eps H(P)`` with uniform marginals,
@@ -110,12 +108,25 @@ class MinibatchOT(Coupling):
     all-gathers and one (world n)-sized solve (exact: on rank 0, then broadcast). Training is then
     the same on any number of ranks for the same global batch. Every rank must hold the same ``n``.
 
+    ``chunk_size=c`` solves the plan within consecutive blocks of ``c`` rows (noise rows
+    ``[k c, (k+1) c)`` with data rows ``[k c, (k+1) c)``; the last block may be shorter) instead of
+    on the whole batch: exact OT is O(n^3), so ``n / c`` blocks cost O(n c^2), ``(n / c)^2`` times
+    less. Rows arrive shuffled, so each block is a random minibatch of ``c``: the plan is exactly
+    minibatch OT at batch ``c``, optimal within blocks, not across them. ``chunk_size >= n`` is the
+    full plan. How far from the full plan a chunked one lands on your data: :func:`ot_gap`; the
+    figures at global batches of 2048-8192 latents are in ``tools/results/bench_ot_scale.md``. With
+    ``across_ranks=True`` the blocks tile the gathered global batch (rank-major), so
+    ``chunk_size`` = rows per rank gives the per-rank plans again, only with the communication; the
+    ranks share the blocks' solves (the full plan is solved by rank 0 alone).
+
     Args:
         method: "exact" or "sinkhorn".
         reg: sinkhorn only; relative entropic regularisation, > 0.
         max_iter: sinkhorn only; iteration cap.
         tol: sinkhorn only; stop when the row marginals are within ``tol`` (relative) of uniform.
         across_ranks: solve one plan for the global batch (True) or one per rank (False).
+        chunk_size: solve within consecutive blocks of this many rows (>= 2), or None for one plan
+            on the whole (global) batch.
     """
 
     def __init__(
@@ -125,6 +136,7 @@ class MinibatchOT(Coupling):
         max_iter: int = 200,
         tol: float = 1e-4,
         across_ranks: bool = False,
+        chunk_size: int | None = None,
     ) -> None:
         if method not in ("exact", "sinkhorn"):
             raise ValueError(f"method must be 'exact' or 'sinkhorn', got {method!r}")
@@ -133,7 +145,9 @@ class MinibatchOT(Coupling):
         if max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         self.method, self.reg, self.max_iter, self.tol = method, float(reg), int(max_iter), float(tol)
-        self.across_ranks = across_ranks
+        if chunk_size is not None and chunk_size < 2:
+            raise ValueError(f"chunk_size must be >= 2 rows (or None for the whole batch), got {chunk_size}")
+        self.across_ranks, self.chunk_size = across_ranks, chunk_size
 
     def __call__(self, x0, x1, *, noise=None, generator=None, cond=None):
         check_pair(x0, x1)
@@ -147,9 +161,32 @@ class MinibatchOT(Coupling):
         """(n,) index of the noise row paired with each data row."""
         rank, world = rank_and_world()
         if self.method == "exact" and self.across_ranks and world > 1:
-            # one solve on rank 0, broadcast: every rank must use the very same permutation
-            empty = torch.empty(x1.shape[0], dtype=torch.long, device=x0.device)
-            return broadcast_from_zero(exact_assignment(x0, x1) if rank == 0 else empty)
+            # every rank must use the very same permutation. Blocks are dealt round-robin (rank r
+            # solves blocks r, r + world, ...) and summed over ranks, each row written by exactly
+            # one rank, so the solve time divides by up to the world size; one block (the full
+            # plan) is solved on rank 0 and broadcast.
+            if self.chunk_size is None or self.chunk_size >= x1.shape[0]:
+                empty = torch.empty(x1.shape[0], dtype=torch.long, device=x0.device)
+                return broadcast_from_zero(self._blocks(x0, x1, generator) if rank == 0 else empty)
+            perm = self._blocks(x0, x1, generator, rank, world)
+            dist.all_reduce(perm)  # sum: zeros from the ranks that did not solve a row's block
+            return perm
+        return self._blocks(x0, x1, generator)
+
+    def _blocks(
+        self, x0: Tensor, x1: Tensor, generator: torch.Generator | None, rank: int = 0, world: int = 1
+    ) -> Tensor:
+        """(n,) pairing solved within consecutive blocks of ``chunk_size`` rows (one block if None);
+        only blocks ``rank, rank + world, ...``, zeros in the others."""
+        n = x1.shape[0]
+        size = n if self.chunk_size is None else self.chunk_size
+        perm = torch.zeros(n, dtype=torch.long, device=x0.device)
+        for k, s in enumerate(range(0, n, size)):
+            if k % world == rank:
+                perm[s : s + size] = self._solve(x0[s : s + size], x1[s : s + size], generator) + s
+        return perm
+
+    def _solve(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None) -> Tensor:
         if self.method == "exact":
             return exact_assignment(x0, x1)
         plan = sinkhorn_plan(x0, x1, self.reg, self.max_iter, self.tol)
@@ -157,63 +194,48 @@ class MinibatchOT(Coupling):
         return torch.multinomial(plan.to(where), 1, generator=generator).squeeze(1).to(x0.device)
 
 
-LOW_DIM = 16
-"""Below this many dimensions per sample, exact OT uses the network simplex; from it on, Jonker-Volgenant."""
+class OTGap(NamedTuple):
+    """Mean squared pair distances of one batch under three couplings, and how they compare.
 
-
-def exact_assignment(x0: Tensor, x1: Tensor) -> Tensor:
-    """(n,) long tensor ``perm`` minimising ``sum_j ||x0[perm[j]] - x1[j]||^2``: a permutation.
-
-    Two exact solvers, chosen by the dimension d of a flattened sample, because their speed depends
-    on it in opposite ways (measured by ``tools/bench_ot.py``):
-
-    - d >= 16 (latents): Jonker-Volgenant (``lap.lapjv``) on ``-x1 @ x0.T``. The squared norms in
-      ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` do not depend on the permutation, so one matmul
-      on the inputs' device gives an equivalent cost matrix.
-    - d < 16 (e.g. 2-D toys): the cost matrix is nearly degenerate (many near-ties), which slows
-      shortest-augmenting-path solvers by 10x or more; the network simplex (POT's ``emd``) is not
-      hurt. With uniform marginals its optimal vertex is a permutation matrix, read off row-wise.
-
-    The solve runs on the CPU in float64; the result is moved to ``x0``'s device.
+    ``cost``: the pairing measured; ``optimal``: the exact plan on the whole batch; ``independent``:
+    each data row with the noise row drawn beside it. All are ``mean_j ||x0[perm[j]] - x1[j]||^2``.
     """
-    a = x1.reshape(x1.shape[0], -1)
-    b = x0.reshape(x0.shape[0], -1)
-    n, d = a.shape
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    if d >= LOW_DIM:
-        cost = -(a.to(work) @ b.to(work).T)  # (n_data, n_noise)
-        _, cols, _ = lap.lapjv(cost.cpu().double().numpy(), extend_cost=False)
-    else:
-        # noise along the rows: the simplex's pivot order then never does worse, and on moons it does
-        # 1.25x (n=256) to 1.6x (n=1024) fewer pivots than with the data along the rows
-        cost = torch.cdist(b.double(), a.double()).pow(2).cpu().numpy()  # (n_noise, n_data)
-        uniform = np.full(n, 1.0 / n)
-        plan = ot.emd(uniform, uniform, cost, numItermax=100_000_000)
-        cols = plan.argmax(axis=0)
-        if len(np.unique(cols)) != n:  # a degenerate vertex; never seen, but never return a non-permutation
-            _, cols = linear_sum_assignment(cost.T)
-    return torch.from_numpy(np.asarray(cols, dtype=np.int64)).to(x0.device)
+
+    cost: float
+    optimal: float
+    independent: float
+
+    @property
+    def relative(self) -> float:
+        """``cost / optimal - 1``: how much more the pairing transports than the optimum."""
+        return self.cost / self.optimal - 1.0
+
+    @property
+    def gain_kept(self) -> float:
+        """``(independent - cost) / (independent - optimal)``: the share of OT's cost reduction kept (1 = optimal)."""
+        return (self.independent - self.cost) / (self.independent - self.optimal)
 
 
-def sinkhorn_plan(x0: Tensor, x1: Tensor, reg: float, max_iter: int, tol: float) -> Tensor:
-    """(n_data, n_noise) entropic OT plan with uniform marginals, summing to 1."""
-    a = x1.reshape(x1.shape[0], -1).float()
-    b = x0.reshape(x0.shape[0], -1).float()
-    cost = torch.cdist(a, b).pow(2)  # (n, n)
-    n = cost.shape[0]
-    log_k = -cost / (reg * cost.mean().clamp_min(torch.finfo(cost.dtype).tiny))
-    log_marg = torch.full((n,), -float(np.log(n)), device=cost.device)
-    log_u, log_v = torch.zeros_like(log_marg), torch.zeros_like(log_marg)
-    for it in range(max_iter):
-        log_u = log_marg - torch.logsumexp(log_k + log_v[None, :], dim=1)
-        log_v = log_marg - torch.logsumexp(log_k + log_u[:, None], dim=0)
-        # the column update makes columns exact; rows measure convergence. Checking costs a sync,
-        # so look every 10 iterations only.
-        if it % 10 == 9:
-            rows = torch.logsumexp(log_k + log_u[:, None] + log_v[None, :], dim=1).exp() * n
-            if (rows - 1.0).abs().max() < tol:
-                break
-    return (log_u[:, None] + log_k + log_v[None, :]).exp()
+def ot_gap(x0: Tensor, x1: Tensor, paired: Tensor) -> OTGap:
+    """How far a coupling's pairs ``(paired[j], x1[j])`` are from the exact plan on the whole batch.
+
+    Args:
+        x0: (n, *shape) the noise the coupling was given.
+        x1: (n, *shape) data.
+        paired: (n, *shape) the noise it paired with each data row, e.g.
+            ``MinibatchOT(chunk_size=1024)(x0, x1)[0]``.
+
+    Solves the full exact plan (:func:`rfkit.ot.exact_assignment`, O(n^3)) once; distances in float64.
+    """
+    check_pair(x0, x1)
+    check_pair(paired, x1, "paired", "x1")
+    optimal = x0[exact_assignment(x0, x1)]
+    return OTGap(pair_cost(paired, x1), pair_cost(optimal, x1), pair_cost(x0, x1))
+
+
+def pair_cost(x0: Tensor, x1: Tensor) -> float:
+    """``mean_j ||x0[j] - x1[j]||^2`` over a batch of pairs (n, *shape), in float64."""
+    return float((x0.reshape(x0.shape[0], -1).double() - x1.reshape(x1.shape[0], -1).double()).pow(2).sum(1).mean())
 
 
 class Reflow(Coupling):

@@ -12,7 +12,7 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.utilities import dim_zero_cat
 
-from rfkit.couplings import exact_assignment
+from rfkit.ot import exact_assignment
 
 DIGITS_WEIGHTS = Path(__file__).parent / "assets" / "digits_classifier.pt"
 

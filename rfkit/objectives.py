@@ -40,10 +40,7 @@ from rfkit.sampling import generate, guided_velocity
 from rfkit.solvers import Euler, Solver, time_grid
 from rfkit.timesteps import TimestepSampler
 
-__all__ = ["COND_KEYS", "FlowMatching", "MeanFlow", "Objective", "Pairs", "Shortcut", "draw_pairs"]
-
-COND_KEYS = ("cls", "text", "pooled")
-"""Batch keys passed to the model as conditioning (see :data:`rfkit.models.Cond`)."""
+__all__ = ["FlowMatching", "MeanFlow", "Objective", "Pairs", "Shortcut", "draw_pairs"]
 
 
 @dataclass
@@ -74,6 +71,10 @@ def draw_pairs(
     ``t`` given (validation levels) skips the timestep draw; ``cond_dropout`` is the probability of
     replacing a row's condition by the null condition (0 outside training).
     """
+    # the conditioning keys' one home is the batch schema; imported here because importing the rfkit.data
+    # package loads its Lightning data modules, which this module's import must not (tests/test_layering.py)
+    from rfkit.data.schema import COND_KEYS
+
     x1 = batch["latent"]
     cond = {k: batch[k] for k in COND_KEYS if k in batch}
     x0 = draws.normal(tuple(x1.shape[1:]), x1.dtype).to(x1.device)

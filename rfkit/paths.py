@@ -37,7 +37,8 @@ class PathSample:
 
 
 def expand_t(t: Tensor, like: Tensor) -> Tensor:
-    """Reshape (n,) timesteps to (n, 1, ..., 1) so they broadcast against ``like`` (n, *shape)."""
+    """Reshape (n,) per-row values (timesteps, step sizes, masks) to (n, 1, ..., 1) in ``like``'s dtype,
+    so they broadcast against ``like`` (n, *shape)."""
     if t.ndim != 1 or t.shape[0] != like.shape[0]:
         raise ValueError(f"t must have shape (n,) with n = batch size {like.shape[0]}, got {tuple(t.shape)}")
     return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)

@@ -4,8 +4,9 @@ What a checkpoint restores, and who keeps it:
 
 ==========================  ===============================================================
 weights, optimizer, LR      Lightning (``state_dict``, ``optimizer_states``, ``lr_schedulers``)
-EMA average                 Lightning's ``EMAWeightAveraging`` (``state_dict`` holds the average,
-                            ``current_model_state`` the trained weights)
+EMA average                 :class:`rfkit.ema.EMA` (``state_dict`` under ``ema/<name>``, sharded
+                            under FSDP2), or Lightning's ``EMAWeightAveraging`` (``state_dict`` holds
+                            the average, ``current_model_state`` the trained weights)
 global step, epoch, batch   Lightning's loop state
 data position               :class:`rfkit.data.batches.BatchLoader` (a "stateful" loader)
 training noise, t, drops    nothing to keep: drawn from (seed, step, batch), see RectifiedFlow
@@ -31,6 +32,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from rfkit.distributed import rank_and_world
 
@@ -129,6 +131,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     :func:`find_last_checkpoint` ignores. ``rfkit fit`` installs it on the strategy.
     """
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if "://" in str(path):  # object stores: Lightning's writer (fsspec)
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -198,10 +201,12 @@ class Resume(pl.Callback):
         self._trained: dict[str, torch.Tensor] | None = None
         self._saved_step = -1
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
     # ---- RNG states and W&B id, in every checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         states, (_, world) = [_rng_state()], rank_and_world()
         if world > 1:  # every rank writes the checkpoint's dict, rank 0's is saved: gather into it
@@ -211,6 +216,7 @@ class Resume(pl.Callback):
         run_id = next((lg.version for lg in loggers if isinstance(lg, WandbLogger)), None)
         return {"rng": states, "wandb_run_id": run_id}
 
+    @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         rank, world = rank_and_world()
         if len(state["rng"]) == world:
@@ -219,12 +225,14 @@ class Resume(pl.Callback):
             saved = len(state["rng"])
             warnings.warn(f"RNG states were saved by {saved} ranks, not {world}: not restored", stacklevel=2)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restore is not None:  # as late as possible: nothing may draw between this and step 1
             _set_rng_state(self._restore)
             self._restore = None
 
     # ---- SIGTERM, and the end of training
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.save_on_sigterm and isinstance(exception, SIGTERMException):
             if trainer.validating:  # stopped mid-validation, with the EMA average swapped in: swap it out
@@ -233,6 +241,7 @@ class Resume(pl.Callback):
                         cb.on_validation_epoch_end(trainer, pl_module)
             self._save_last(trainer)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a ModelCheckpoint(save_last=True) that has saved nothing yet writes last.ckpt itself right
         # after this hook (Lightning >= 2.6); writing it here too would make it version the file (last-v1.ckpt)
@@ -249,6 +258,7 @@ class Resume(pl.Callback):
             trainer.save_checkpoint(folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt")
 
     # ---- the trained weights, not the EMA, in a checkpoint written after training ended
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         steps_done = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
         epochs_done = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
@@ -256,6 +266,7 @@ class Resume(pl.Callback):
         if ema and (steps_done or epochs_done or trainer.should_stop):
             self._trained = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
 
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._saved_step = checkpoint["global_step"]
         if self._trained is not None and "current_model_state" in checkpoint:

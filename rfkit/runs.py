@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
+from typing_extensions import override
 
 __all__ = ["LogConfig", "git_revision", "recipe", "sweep_run_name"]
 
@@ -76,6 +77,7 @@ def sweep_run_name(name: str | None, resolved: dict) -> str | None:
 class LogConfig(SaveConfigCallback):
     """Saves ``config.yaml`` in the run directory; sends the config, recipe and git revision to the loggers."""
 
+    @override
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:

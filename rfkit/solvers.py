@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from rfkit.paths import expand_t
 from rfkit.plugin import Plugin
 from rfkit.timesteps import shift_sigma
 
@@ -79,18 +80,13 @@ class Solver(Plugin, ABC):
         return self.evals_per_step * num_steps
 
 
-def _bc(s: Tensor, x: Tensor) -> Tensor:
-    """(n,) -> (n, 1, ..., 1) in x's dtype."""
-    return s.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
-
 class Euler(Solver):
     """``x' = x + dt v(x, t)``; first order, 1 NFE per step. Exact on straight paths."""
 
     evals_per_step = 1
 
     def step(self, v, x, t, dt):
-        return x + _bc(dt, x) * v(x, t)
+        return x + expand_t(dt, x) * v(x, t)
 
 
 class Midpoint(Solver):
@@ -100,7 +96,7 @@ class Midpoint(Solver):
 
     def step(self, v, x, t, dt):
         half = 0.5 * dt
-        return x + _bc(dt, x) * v(x + _bc(half, x) * v(x, t), t + half)
+        return x + expand_t(dt, x) * v(x + expand_t(half, x) * v(x, t), t + half)
 
 
 class Heun(Solver):
@@ -110,8 +106,8 @@ class Heun(Solver):
 
     def step(self, v, x, t, dt):
         k1 = v(x, t)
-        k2 = v(x + _bc(dt, x) * k1, t + dt)
-        return x + _bc(0.5 * dt, x) * (k1 + k2)
+        k2 = v(x + expand_t(dt, x) * k1, t + dt)
+        return x + expand_t(0.5 * dt, x) * (k1 + k2)
 
 
 class RK4(Solver):
@@ -120,7 +116,7 @@ class RK4(Solver):
     evals_per_step = 4
 
     def step(self, v, x, t, dt):
-        h, half = _bc(dt, x), _bc(0.5 * dt, x)
+        h, half = expand_t(dt, x), expand_t(0.5 * dt, x)
         k1 = v(x, t)
         k2 = v(x + half * k1, t + 0.5 * dt)
         k3 = v(x + half * k2, t + 0.5 * dt)

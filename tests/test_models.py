@@ -123,6 +123,38 @@ def test_mlp_is_torchcfm_network():
     ]
 
 
+def test_the_null_label_lives_in_the_label_embedding():
+    from rfkit.models import MLP, DiT
+    from rfkit.models.layers import LabelEmbedding
+
+    embed = LabelEmbedding(3, 4)
+    assert embed.weight.shape == (4, 4)  # three classes and the null one
+    dropped = embed.drop(torch.tensor([0, 1, 2]), torch.tensor([True, False, True]))
+    assert dropped.tolist() == [3, 1, 3]
+    for model in (MLP(num_classes=3), DiT(in_channels=1, input_size=4, width=32, depth=1, heads=2, num_classes=3)):
+        cond = model.drop_condition({"cls": torch.tensor([0, 2])}, torch.tensor([False, True]))
+        assert cond["cls"].tolist() == [0, 3]
+        assert "y_embed.weight" in model.state_dict()  # checkpoints from before keep loading
+
+
+@pytest.mark.parametrize("name", ["DiT", "MMDiT"])
+def test_every_parameter_gets_a_gradient(name):
+    """DDP refuses a model with parameters outside the graph (MMDiT's last text stream once was)."""
+    from rfkit.models import DiT, MMDiT
+
+    torch.manual_seed(0)
+    if name == "DiT":
+        model, cond = (
+            DiT(in_channels=2, input_size=4, width=32, depth=2, heads=2, num_classes=3),
+            {"cls": torch.tensor([0, 2])},
+        )
+    else:
+        model = MMDiT(in_channels=2, input_size=4, text_dim=8, pooled_dim=8, width=32, depth=2, heads=2)
+        cond = {"text": torch.randn(2, 3, 8), "pooled": torch.randn(2, 8)}
+    model(torch.randn(2, 2, 4, 4), torch.rand(2), cond).square().sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 SECOND_TIME = {
     "MLP": (lambda st: MLP(dim=3, width=16, num_classes=4, second_time=st), (5, 3), {"cls": torch.arange(5) % 4}),
     "DiT": (lambda st: small_dit(second_time=st), (5, 2, 8, 8), {"cls": torch.arange(5)}),

@@ -130,3 +130,20 @@ def test_guidance_formula_and_sampling():
 def test_bad_settings():
     with pytest.raises(ValueError, match="cond_dropout"):
         RectifiedFlow(Linear(), cond_dropout=1.0)
+
+
+def test_hyperparameters_are_the_parsed_config_under_the_cli_and_scalars_in_python():
+    """built_from_parsed_config reads a private Lightning name; both of its answers are checked here."""
+    from pathlib import Path
+
+    from rfkit.cli import RFKitCLI
+    from rfkit.models import MLP
+    from rfkit.module import built_from_parsed_config
+
+    assert not built_from_parsed_config()
+    by_hand = RectifiedFlow(MLP(dim=2, width=8, depth=1), timesteps=LogitNormal())
+    assert "model" not in by_hand.hparams and "timesteps" not in by_hand.hparams and by_hand.hparams.cfg_scale == 1.0
+    config = Path(__file__).resolve().parents[1] / "configs/toy2d.yaml"
+    cli = RFKitCLI(args=[f"--config={config}", "--trainer.logger=false"], run=False)
+    assert cli.model.hparams["timesteps"]["class_path"] == "rfkit.timesteps.Uniform"
+    assert cli.model.hparams["model"]["init_args"]["dim"] == 2

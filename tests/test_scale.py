@@ -20,6 +20,7 @@ from wandb_log import history
 
 import rfkit
 from rfkit.cli import main
+from rfkit.ema import PREFIX, split_state_dict
 from rfkit.models import DiT
 from rfkit.parallel import parallelize
 
@@ -73,8 +74,8 @@ def test_ddp_matches_one_process_and_all_ranks_skip_a_fault_on_one(tmp_path):
     run("digits_ddp.yaml", tmp_path / "one", *args, processes=1)
     run("digits_ddp.yaml", tmp_path / "ddp", *args)
     one, ddp = tmp_path / "one/checkpoints/last.ckpt", tmp_path / "ddp/checkpoints/last.ckpt"
-    for key in ("state_dict", "current_model_state"):  # the EMA average and the trained weights
-        assert_same_weights(weights(ddp, key), weights(one, key))
+    assert_same_weights(weights(ddp), weights(one))  # the trained weights and their EMA (ema/<name>)
+    assert any(k.startswith(PREFIX) for k in weights(one))
     for path in (one, ddp):
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["global_step"] == 6 and ckpt["rfkit"]["skipped_steps"] == 1
@@ -110,8 +111,11 @@ def test_fsdp2_matches_one_process_and_its_sharded_checkpoint_resumes(tmp_path):
     run("digits_fsdp.yaml", tmp_path / "fsdp", "--trainer.max_steps=6", *every2)
     assert_same_weights(weights(ckpts / "last.ckpt"), weights(reference / "last.ckpt"))
     assert torch.load(ckpts / "last.ckpt/meta.pt", weights_only=True)["global_step"] == 6
-    flow = rfkit.load_checkpoint(ckpts / "last.ckpt")  # a sharded folder loads like a file, for sampling
-    assert_same_weights(flow.state_dict(), weights(reference / "last.ckpt"), atol=1e-5)
+    # the EMA (rfkit.ema.EMA) is in the shards too, and agrees with one process's (compared above with the weights)
+    assert any(k.startswith(PREFIX) for k in weights(ckpts / "last.ckpt"))
+    flow = rfkit.load_checkpoint(ckpts / "last.ckpt")  # a sharded folder loads like a file, for sampling: EMA weights
+    trained, averages = split_state_dict(weights(reference / "last.ckpt"))
+    assert_same_weights(flow.state_dict(), {**trained, **averages}, atol=1e-5)
     runs = sorted((tmp_path / "fsdp/wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
     # the gradient norm of sharded (DTensor) gradients is the full norm

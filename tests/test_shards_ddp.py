@@ -70,6 +70,14 @@ def _rank_main(rank: int, ports: tuple[int, int], root: str) -> None:
         out["val"] = [b["cls"].tolist() for b in val]
         out["val_len"] = len(val)
         out["train"] = [b["cls"].tolist() for b in dm.train_dataloader()]
+        # global_batch_size: 10 over 2 ranks is 5 rows each; 7 does not split and says so
+        dm = LatentShards(str(root / "uneven"), global_batch_size=10, batches_per_epoch=3, num_workers=0)
+        dm.setup("fit")
+        out["global"] = [len(b["cls"]) for b in dm.train_dataloader()]
+        try:
+            LatentShards(str(root / "uneven"), global_batch_size=7, num_workers=0).setup("fit")
+        except ValueError as err:
+            out["global_error"] = str(err)
         dist.destroy_process_group()
         # 2) Lightning DDP: a truncated shard is skipped and counted; past the fraction every rank stops
         os.environ["MASTER_PORT"] = str(ports[1])
@@ -128,6 +136,16 @@ def test_two_ranks_with_workers_see_every_sample_once(ddp_results):
         assert len({c % 3 == 0 for c in batch}) == 1  # one latent shape per batch
     assert len(r0["train"]) == len(r1["train"]) == 9 and all(len(b) == 4 for b in r0["train"] + r1["train"])
     assert not set(map(tuple, r0["train"])) & set(map(tuple, r1["train"]))  # ranks read different shards
+
+
+def test_global_batch_size_splits_over_ranks(ddp_results):
+    _, (r0, r1) = ddp_results
+    assert r0["global"] == r1["global"] == [5, 5, 5]
+    for r in (r0, r1):
+        assert (
+            "global_batch_size=7 must be a positive multiple of world size x accumulate_grad_batches = 2 x 1"
+            in (r["global_error"])
+        )
 
 
 def test_lightning_ddp_skips_logs_and_stops_on_every_rank(ddp_results):

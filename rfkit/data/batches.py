@@ -19,7 +19,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from rfkit.distributed import rank_and_world, stream_seed
 
-__all__ = ["BatchLoader", "Position", "TensorBatches", "global_batch_split", "rank_and_world", "stream_seed"]
+__all__ = [
+    "BatchLoader",
+    "Position",
+    "TensorBatches",
+    "global_batch_split",
+    "per_rank_batch",
+    "rank_and_world",
+    "stream_seed",
+]
 
 
 def global_batch_split(global_batch_size: int | None, batch_size: int, world: int, accumulate: int = 1) -> int:
@@ -37,6 +45,21 @@ def global_batch_split(global_batch_size: int | None, batch_size: int, world: in
             f"try {max(parts, global_batch_size // parts * parts)}, or set data.init_args.batch_size (rows per rank)"
         )
     return global_batch_size // parts
+
+
+def per_rank_batch(global_batch_size: int | None, batch_size: int, trainer=None) -> int:
+    """The batch a data module's rank loads: every data module's ``global_batch_size``, in one place.
+
+    ``global_batch_size / (world * accumulate_grad_batches)`` when ``global_batch_size`` is set,
+    else ``batch_size``. World and accumulation come from the Lightning ``trainer`` when the module
+    runs in one, else from ``torch.distributed`` (accumulation 1), so a data module used on its own
+    in a process group splits the same way.
+    """
+    if trainer is not None:
+        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+    else:
+        world, accumulate = rank_and_world()[1], 1
+    return global_batch_split(global_batch_size, batch_size, world, accumulate)
 
 
 class Position:

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
-from rfkit.data.batches import BatchLoader, TensorBatches, global_batch_split
+from rfkit.data.batches import BatchLoader, TensorBatches, per_rank_batch
 
 __all__ = ["Digits", "export_images"]
 
@@ -76,10 +77,9 @@ class Digits(pl.LightningDataModule):
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.val_fraction, self.seed, self.global_batch_size = val_fraction, seed, global_batch_size
 
+    @override
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
-            self.batch_size = global_batch_split(self.global_batch_size, self.batch_size, world, accumulate)
+        self.batch_size = per_rank_batch(self.global_batch_size, self.batch_size, self.trainer)
         digits = load_digits()
         images = torch.from_numpy(digits.images).float().div(8.0).sub(1.0).unsqueeze(1)  # (N, 1, 8, 8)
         labels = torch.from_numpy(digits.target).long()
@@ -87,9 +87,11 @@ class Digits(pl.LightningDataModule):
         self.train_set = {"latent": images[train], "cls": labels[train]}
         self.val_set = {"latent": images[val], "cls": labels[val]}
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return BatchLoader(TensorBatches(self.train_set, self.batch_size, self.batches_per_epoch, self.seed))
 
+    @override
     def val_dataloader(self) -> DataLoader:
         batch = min(self.batch_size, len(self.val_set["cls"]))
         return DataLoader(TensorBatches(self.val_set, batch, None), batch_size=None)

@@ -38,7 +38,35 @@ FORMAT = "rfkit-latent-shards"
 VERSION = 1
 MANIFEST = "dataset.json"
 """The manifest's file name, next to the shards."""
-KEYS = ("latent", "cls", "text", "pooled", "noise")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key a sample (and a batch) may hold.
+
+    Attributes:
+        label: an integer class label (an ASCII tar member; batched as (B,) int64), else a float array.
+        cond: conditioning the model reads (:data:`COND_KEYS`), rather than data.
+        row_ndim: dimensions of one sample's value when fixed (cls 0, text 2, pooled 1).
+    """
+
+    label: bool = False
+    cond: bool = False
+    row_ndim: int | None = None
+
+
+FIELDS = {
+    "latent": Field(),
+    "cls": Field(label=True, cond=True, row_ndim=0),
+    "text": Field(cond=True, row_ndim=2),
+    "pooled": Field(cond=True, row_ndim=1),
+    "noise": Field(),
+}
+"""The one table of sample keys: the reader, the writer, the training module, ``rfkit sample`` and
+``rfkit reflow`` derive what they do with a key from it."""
+KEYS = tuple(FIELDS)
+COND_KEYS = tuple(k for k, f in FIELDS.items() if f.cond)
+"""Batch keys passed to the model as conditioning (see :data:`rfkit.models.Cond`)."""
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 SHARD_FIELDS = ("name", "samples", "latent_shapes")
 RESERVED = ("format", "version", "keys", "shapes", "num_samples", "shards")
@@ -60,8 +88,8 @@ def shard_name(index: int) -> str:
 
 
 def member(key: str) -> str:
-    """The tar member extension of a sample key: ``cls`` is text, the rest are ``.npy``."""
-    return "cls" if key == "cls" else f"{key}.npy"
+    """The tar member extension of a sample key: labels are text (``cls``), the rest ``.npy``."""
+    return key if FIELDS[key].label else f"{key}.npy"
 
 
 # ---------------------------------------------------------------------------------- arrays
@@ -81,11 +109,11 @@ def check_array(key: str, value: np.ndarray, shape: tuple[int, ...] | None = Non
 
 def to_bytes(key: str, value: Any) -> bytes:
     """Encodes one field of a sample as its tar member's bytes (never pickled)."""
-    if key == "cls":
+    if FIELDS[key].label:
         if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iu":
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"cls must be a non-negative int, got {value!r}")
+            raise ValueError(f"{key} must be a non-negative int, got {value!r}")
         return str(int(value)).encode()
     buf = io.BytesIO()
     np.save(buf, check_array(key, value), allow_pickle=False)
@@ -94,10 +122,10 @@ def to_bytes(key: str, value: Any) -> bytes:
 
 def from_bytes(key: str, data: bytes) -> np.ndarray | int:
     """Decodes one tar member; ``allow_pickle=False`` refuses object arrays. Errors name the member."""
-    if key == "cls":
+    if FIELDS[key].label:
         text = data.decode("ascii", errors="replace").strip()
         if not text.isdigit():
-            raise ValueError(f"cls is {text[:20]!r}, not a non-negative integer")
+            raise ValueError(f"{key} is {text[:20]!r}, not a non-negative integer")
         return int(text)
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
@@ -173,7 +201,7 @@ class Manifest:
                 raise BadSample(f"{where}: missing {name} (this data set's keys: {list(self.keys)})")
             try:
                 value = from_bytes(key, raw[name])
-                if key != "cls":
+                if not FIELDS[key].label:
                     value = check_array(key, value, self._shape(key, out))
                 if key == "latent" and value.shape not in self.latent_shapes:
                     shapes = sorted(self.latent_shapes)

@@ -20,21 +20,18 @@ Bad data, as real pipelines produce it:
 from __future__ import annotations
 
 import os
-import warnings
 from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
-from rfkit.data.batches import rank_and_world
+from rfkit.data.batches import per_rank_batch, rank_and_world
 from rfkit.data.schema import MANIFEST, Manifest
 from rfkit.data.stream import ShardInfo, ShardStream
 
 __all__ = ["LatentShards", "resolve_shards"]
-
-# Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is exact
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
 
 
 def _is_local(url: str) -> bool:
@@ -107,7 +104,7 @@ class LatentShards(pl.LightningDataModule):
             (see :func:`resolve_shards`).
         val_shards: validation shards, read once in order (every sample exactly once); None for none.
         batch_size: samples per batch and per rank.
-        val_batch_size: for validation (default ``batch_size``).
+        val_batch_size: for validation, per rank (default: the training batch per rank).
         batches_per_epoch: training batches per epoch and per rank (the stream itself is endless).
         num_workers: DataLoader worker processes per rank (0 = read in the training process).
         shuffle_buffer: samples each worker holds for shuffling.
@@ -115,6 +112,8 @@ class LatentShards(pl.LightningDataModule):
         val_manifest: the same for ``val_shards`` (default: ``manifest``, else next to them).
         max_skip_fraction: stop once more than this share of the shards proved unreadable.
         seed: seeds shard orders and shuffling.
+        global_batch_size: samples per optimizer step over all ranks; when set, each rank takes
+            ``global_batch_size / (world size x accumulate_grad_batches)`` and ``batch_size`` is unused.
     """
 
     def __init__(
@@ -130,6 +129,7 @@ class LatentShards(pl.LightningDataModule):
         val_manifest: str | None = None,
         max_skip_fraction: float = 0.05,
         seed: int = 0,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= max_skip_fraction <= 1:
@@ -137,7 +137,7 @@ class LatentShards(pl.LightningDataModule):
         if batch_size < 1 or batches_per_epoch < 1 or num_workers < 0:
             raise ValueError("batch_size and batches_per_epoch must be >= 1 and num_workers >= 0")
         self.spec, self.val_spec = shards, val_shards
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.batch_size, self.val_batch_size, self.global_batch_size = batch_size, val_batch_size, global_batch_size
         self.batches_per_epoch, self.num_workers, self.shuffle_buffer = batches_per_epoch, num_workers, shuffle_buffer
         self.manifest, self.val_manifest = manifest, val_manifest or manifest
         self.max_skip_fraction, self.seed = max_skip_fraction, seed
@@ -145,9 +145,11 @@ class LatentShards(pl.LightningDataModule):
         self._reported_at = -1
         self._passes: list[int] | None = None  # from a checkpoint: resumed runs do not replay the same order
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         # checked before any step; ranks agree on the outcome (a rank whose disk lacks a shard
         # must not leave the others waiting in their first all-reduce)
+        self.batch_size = per_rank_batch(self.global_batch_size, self.batch_size, self.trainer)  # same on every rank
         error = None
         try:
             self.train, self.info = resolve_shards(self.spec, self.manifest)
@@ -173,27 +175,32 @@ class LatentShards(pl.LightningDataModule):
         workers = self.num_workers
         return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         if not hasattr(self, "train"):
             self.setup("fit")
         return self._loader("train", self.train, self.info, self.batch_size, self.batches_per_epoch)
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         if not hasattr(self, "train"):
             self.setup("validate")
         if self.val is None:
             return []
-        return self._loader("val", *self.val, self.val_batch_size, None)
+        return self._loader("val", *self.val, self.val_batch_size or self.batch_size, None)
 
+    @override
     def state_dict(self) -> dict:
         """Saved in checkpoints: how many epochs each worker of the training stream has begun."""
         return {"passes": list(self.streams["train"].passes)} if "train" in self.streams else {}
 
+    @override
     def load_state_dict(self, state: dict) -> None:
         self._passes = state.get("passes")
 
     # ------------------------------------------------------------------ bad-data accounting
 
+    @override
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer
         if trainer is not None and trainer.training and trainer.log_every_n_steps > 0:

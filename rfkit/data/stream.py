@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rfkit.data.batches import stream_seed
-from rfkit.data.schema import BadSample, Manifest
+from rfkit.data.schema import FIELDS, BadSample, Manifest
 
 WARN_PER_SHARD = 3  # rejected samples named one by one per shard; the rest are summed up
 
@@ -241,9 +241,11 @@ class ShardStream(IterableDataset):
         m = self.manifest
         latent = torch.from_numpy(np.stack([s["latent"] for s in samples])).float()
         batch = {"latent": (latent - m.shift_factor) * m.scaling_factor}
-        for key in ("text", "pooled", "noise"):
-            if key in m.keys:
+        for key in m.keys:
+            if key == "latent":
+                continue
+            if FIELDS[key].label:
+                batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.long)
+            else:
                 batch[key] = torch.from_numpy(np.stack([s[key] for s in samples])).float()
-        if "cls" in m.keys:
-            batch["cls"] = torch.tensor([s["cls"] for s in samples], dtype=torch.long)
         return batch

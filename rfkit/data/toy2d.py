@@ -13,8 +13,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
 
-from rfkit.data.batches import BatchLoader, Position, global_batch_split, rank_and_world, stream_seed
+from rfkit.data.batches import BatchLoader, Position, per_rank_batch, rank_and_world, stream_seed
 
 __all__ = ["Checkerboard", "Circles", "EightGaussians", "Moons", "Spirals", "Toy2D", "ToyDistribution"]
 
@@ -149,14 +150,15 @@ class Toy2D(pl.LightningDataModule):
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.val_size, self.seed, self.global_batch_size = val_size, seed, global_batch_size
 
+    @override
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
-            self.batch_size = global_batch_split(self.global_batch_size, self.batch_size, world, accumulate)
+        self.batch_size = per_rank_batch(self.global_batch_size, self.batch_size, self.trainer)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return BatchLoader(_Fresh(self.target, self.batch_size, self.batches_per_epoch, self.seed))
 
+    @override
     def val_dataloader(self) -> DataLoader:
         pts = self.target(self.val_size, torch.Generator().manual_seed(self.seed + 10_000))
         return DataLoader([{"latent": pts}], batch_size=None)

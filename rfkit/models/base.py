@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from rfkit.paths import expand_t
+
 Cond = Mapping[str, Tensor]
 """Conditioning, batch-first: ``cls`` (B,) class labels, ``text`` (B, L, D) and ``pooled`` (B, D)
 precomputed text embeddings. A model reads the keys it declares and ignores the rest."""
@@ -56,3 +58,12 @@ class VelocityModel(nn.Module, ABC):
         """Tokens the model sees for one latent of this shape (drives resolution-dependent shifts)."""
         del latent_shape
         return 1
+
+
+def zero_condition(cond: Cond, drop: Tensor, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """``cond`` with the ``keys`` of rows where ``drop`` (B,) is True set to zeros: the null condition
+    of text-conditioned models (SD3 drops its text encoders to zero embeddings)."""
+    out = dict(cond)
+    for key in keys:
+        out[key] = cond[key] * expand_t(~drop, cond[key])
+    return out

@@ -7,12 +7,12 @@ Presets from the paper (width, depth, heads); patch size is a separate choice (D
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from rfkit.models.base import Cond, VelocityModel
 from rfkit.models.layers import (
     FinalLayer,
+    LabelEmbedding,
     Patches,
     Stream,
     TimestepEmbedder,
@@ -74,7 +74,7 @@ class DiT(VelocityModel):
         self.t_embed = TimestepEmbedder(width)
         self.second_time = second_time
         self.r_embed = second_time_embedder(width) if second_time else None
-        self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+        self.y_embed = LabelEmbedding(num_classes, width) if num_classes > 0 else None
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final = FinalLayer(width, in_channels * patch_size**2)
 
@@ -92,8 +92,8 @@ class DiT(VelocityModel):
 
     def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
         out = dict(cond)
-        if self.num_classes > 0:
-            out["cls"] = torch.where(drop, torch.full_like(cond["cls"], self.num_classes), cond["cls"])
+        if self.y_embed is not None:
+            out["cls"] = self.y_embed.drop(cond["cls"], drop)
         return out
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:

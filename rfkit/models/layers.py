@@ -31,6 +31,22 @@ def sinusoidal(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     return F.pad(emb, (0, dim % 2))
 
 
+class LabelEmbedding(nn.Embedding):
+    """Class labels (B,) in 0..num_classes-1 -> (B, D), plus the null label ``num_classes``: the
+    learned "no class" that classifier-free guidance trains with (dropped labels) and samples against.
+
+    The one home of the null class: models embed with it and drop to it with :meth:`drop`.
+    """
+
+    def __init__(self, num_classes: int, width: int) -> None:
+        super().__init__(num_classes + 1, width)
+        self.num_classes = num_classes
+
+    def drop(self, labels: Tensor, drop: Tensor) -> Tensor:
+        """(B,) labels with the rows where ``drop`` (B,) bool is True replaced by the null label."""
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+
 class TimestepEmbedder(nn.Module):
     """t (B,) -> (B, D): sinusoidal features through a 2-layer MLP (DiT)."""
 
@@ -133,22 +149,28 @@ class Stream(nn.Module):
 
     The modulation layer is zero-initialised, so every gate starts at 0 and the block starts as
     the identity: the network grows from a stable residual stream (DiT §3.2).
+
+    ``pre_only``: the stream only feeds the attention (keys and values for the other stream) and has
+    no ``post``: MMDiT's last text stream, whose output nothing reads (SD3's ``context_pre_only``).
+    Building its projection and MLP anyway would leave parameters without gradients, which DDP refuses.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False) -> None:
         super().__init__()
+        self.pre_only = pre_only
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.qkv = QKV(width, heads, qk_norm)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = mlp(width, mlp_ratio)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        if not pre_only:
+            self.proj = nn.Linear(width, width)
+            self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+            self.mlp = mlp(width, mlp_ratio)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, (2 if pre_only else 6) * width))
         nn.init.zeros_(self.ada[-1].weight)
         nn.init.zeros_(self.ada[-1].bias)
 
     def pre(self, x: Tensor, c: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, ...]]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        return self.qkv(modulate(self.norm1(x), shift1, scale1)), (gate1, shift2, scale2, gate2)
+        shift1, scale1, *post_mods = self.ada(c).chunk(2 if self.pre_only else 6, dim=-1)
+        return self.qkv(modulate(self.norm1(x), shift1, scale1)), tuple(post_mods)
 
     def post(self, x: Tensor, attn: Tensor, mods: tuple[Tensor, ...]) -> Tensor:
         gate1, shift2, scale2, gate2 = mods

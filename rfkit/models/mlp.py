@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from rfkit.models.base import Cond, VelocityModel
+from rfkit.models.layers import LabelEmbedding
 
 
 class MLP(VelocityModel):
@@ -37,7 +38,7 @@ class MLP(VelocityModel):
         for _ in range(depth - 1):
             hidden += [nn.SELU(), nn.Linear(width, width)]
         self.body = nn.Sequential(*hidden, nn.SELU(), nn.Linear(width, dim))
-        self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+        self.y_embed = LabelEmbedding(num_classes, width) if num_classes > 0 else None
         self.second_time = second_time
         self.r_embed = nn.Linear(1, width, bias=False) if second_time else None
         if self.r_embed is not None:
@@ -54,6 +55,6 @@ class MLP(VelocityModel):
 
     def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
         out = dict(cond)
-        if self.num_classes > 0:
-            out["cls"] = torch.where(drop, torch.full_like(cond["cls"], self.num_classes), cond["cls"])
+        if self.y_embed is not None:
+            out["cls"] = self.y_embed.drop(cond["cls"], drop)
         return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rfkit.models.base import Cond, VelocityModel
+from rfkit.models.base import Cond, VelocityModel, zero_condition
 from rfkit.models.layers import (
     FinalLayer,
     Patches,
@@ -25,12 +25,17 @@ from rfkit.models.layers import (
 
 
 class JointBlock(nn.Module):
-    """Text stream + image stream, one attention over [text; image] tokens."""
+    """Text stream + image stream, one attention over [text; image] tokens.
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True) -> None:
+    ``last``: the final block, whose text output nothing reads; its text stream only feeds the
+    attention (SD3's ``context_pre_only``) and the text comes back unchanged.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True, last: bool = False):
         super().__init__()
-        self.text = Stream(width, heads, mlp_ratio, qk_norm)
+        self.text = Stream(width, heads, mlp_ratio, qk_norm, pre_only=last)
         self.image = Stream(width, heads, mlp_ratio, qk_norm)
+        self.last = last
 
     def forward(self, ctx: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         # ctx (B, L, D), x (B, N, D), c (B, D)
@@ -38,7 +43,8 @@ class JointBlock(nn.Module):
         (qx, kx, vx), mods_x = self.image.pre(x, c)
         joint = attend(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))  # (B, L+N, D)
         length = ctx.shape[1]
-        return self.text.post(ctx, joint[:, :length], mods_c), self.image.post(x, joint[:, length:], mods_x)
+        image = self.image.post(x, joint[:, length:], mods_x)
+        return (ctx if self.last else self.text.post(ctx, joint[:, :length], mods_c)), image
 
 
 class MMDiT(VelocityModel):
@@ -78,7 +84,9 @@ class MMDiT(VelocityModel):
         self.second_time = second_time
         self.r_embed = second_time_embedder(width) if second_time else None
         self.pooled_embed = nn.Sequential(nn.Linear(pooled_dim, width), nn.SiLU(), nn.Linear(width, width))
-        self.blocks = nn.ModuleList(JointBlock(width, heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            JointBlock(width, heads, mlp_ratio, qk_norm, last=i == depth - 1) for i in range(depth)
+        )
         self.final = FinalLayer(width, in_channels * patch_size**2)
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond, r: Tensor | None = None) -> Tensor:
@@ -95,11 +103,7 @@ class MMDiT(VelocityModel):
         return self.patches.unpatchify(self.final(tokens, c), like=x)
 
     def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
-        out = dict(cond)
-        for key in ("text", "pooled"):
-            keep = (~drop).reshape(-1, *([1] * (cond[key].ndim - 1))).to(cond[key].dtype)
-            out[key] = cond[key] * keep  # SD3 drops text to zero embeddings
-        return out
+        return zero_condition(cond, drop, ("text", "pooled"))  # SD3 drops text to zero embeddings
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
         return self.patches.num_tokens(latent_shape)

@@ -1,5 +1,7 @@
 """``rfkit encode``: images (+ captions) -> latent shards + ``dataset.json``, once, for many trainings.
 
+    rfkit encode --source images/ --out data/latents --vae /models/sd3/vae --resolution 256
+
 Source: a folder of images (``.png .jpg .jpeg .webp``, searched recursively, sorted by path) with
 optional sidecars of the same stem, ``cat.txt`` (caption) and ``cat.cls`` (integer label), or
 webdataset image shards (``imgs/shard-{000000..000099}.tar``) whose samples hold an image, ``txt``
@@ -8,12 +10,12 @@ and ``cls`` alike. Every image becomes one sample of :mod:`rfkit.data.schema`:
 - ``latent``: ``AutoencoderKL(image).latent_dist.mean`` from a diffusers VAE on a local path
   (``--vae``), kept unscaled; the VAE's ``scaling_factor``/``shift_factor`` go to the manifest.
   Without ``--vae`` the pixels themselves are the latent (in [-1, 1]).
-- ``text`` / ``pooled``: a Hugging Face text encoder on a local path (``--text-encoder``):
-  the last hidden states of the caption, padded or cut to ``--max-text-tokens`` with padding
+- ``text`` / ``pooled``: a Hugging Face text encoder on a local path (``--text_encoder``):
+  the last hidden states of the caption, padded or cut to ``--max_text_tokens`` with padding
   zeroed (L, D), and their mean over the real tokens (D,) (sentence-transformers' pooling).
 - ``cls``: the label sidecar, if every image has one.
 
-Images are resized to cover ``--resolution`` (or, with ``--aspect-buckets``, the bucket of about
+Images are resized to cover ``--resolution`` (or, with ``--aspect_buckets``, the bucket of about
 ``resolution**2`` pixels nearest their aspect ratio) and centre-cropped. Shards are numbered from
 the input order; a rerun into the same directory skips the finished shards (resume).
 diffusers and transformers are the optional extra ``pip install 'rfkit[encode]'``.
@@ -21,19 +23,20 @@ diffusers and transformers are the optional extra ``pip install 'rfkit[encode]'`
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from rfkit.data.schema import shard_name
+from rfkit.data.schema import MANIFEST, shard_name
 from rfkit.data.writer import LatentShardWriter
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -126,7 +129,7 @@ class Encoders:
             if text_encoder is not None:
                 from transformers import AutoModel, AutoTokenizer
 
-                path = _local(text_encoder, "--text-encoder")
+                path = _local(text_encoder, "--text_encoder")
                 self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
                 self.text = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
                 self.info["text_encoder"] = {
@@ -167,7 +170,7 @@ def _local(path: str, flag: str) -> str:
 # ---------------------------------------------------------------------------------- encoding
 
 
-def encode(
+def write_latent_shards(
     source: str,
     out: str | Path,
     *,
@@ -255,35 +258,56 @@ def encode_chunk(chunk, encoders, resolution, buckets, grayscale, batch_size, dt
     return samples
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="rfkit encode", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("source", help="a folder of images (+ .txt captions, .cls labels) or image shards (brace pattern)")
-    p.add_argument("out", help="output directory for shard-NNNNNN.tar and dataset.json (reruns resume)")
-    p.add_argument("--vae", help="local path of a diffusers AutoencoderKL (default: pixels are the latents)")
-    p.add_argument("--text-encoder", help="local path of a Hugging Face text encoder (e.g. all-MiniLM-L6-v2)")
-    p.add_argument("--max-text-tokens", type=int, default=77, help="caption tokens kept, padded (default 77)")
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
-    p.add_argument("--aspect-buckets", type=int, metavar="STEP", help="keep aspect ratios: buckets of sides k*STEP")
-    p.add_argument("--grayscale", action="store_true", help="encode one grey channel instead of RGB")
-    p.add_argument("--batch-size", type=int, default=16, help="images per encoder call (default 16)")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="(default 1000)")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored precision")
-    p.add_argument("--scaling-factor", type=float, help="override the VAE's scaling_factor in the manifest")
-    p.add_argument("--shift-factor", type=float, help="override the VAE's shift_factor in the manifest")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    encoders = Encoders(args.vae, args.text_encoder, args.device, args.max_text_tokens)
-    out = encode(
-        args.source,
-        args.out,
+def encode(
+    source: str,
+    out: Path,
+    vae: Path | None = None,
+    text_encoder: Path | None = None,
+    max_text_tokens: int = 77,
+    resolution: int = 256,
+    aspect_buckets: int | None = None,
+    grayscale: bool = False,
+    batch_size: int = 16,
+    samples_per_shard: int = 1000,
+    dtype: Literal["float16", "float32"] = "float16",
+    scaling_factor: float | None = None,
+    shift_factor: float | None = None,
+    device: str | None = None,
+) -> dict:
+    """Encode images (+ captions, labels) into latent shards and their dataset.json; reruns resume.
+
+    Args:
+        source: a folder of images (with ``.txt`` captions and ``.cls`` labels beside them) or image
+            shards (a brace pattern, e.g. ``imgs/shard-{000000..000099}.tar``).
+        out: the directory for ``shard-NNNNNN.tar`` and ``dataset.json``.
+        vae: local folder of a diffusers AutoencoderKL (default: the pixels are the latents).
+        text_encoder: local folder of a Hugging Face text encoder (e.g. all-MiniLM-L6-v2).
+        max_text_tokens: caption tokens kept, padded with zeros.
+        resolution: image side in pixels.
+        aspect_buckets: keep aspect ratios, in buckets of sides k * aspect_buckets pixels.
+        grayscale: encode one grey channel instead of RGB.
+        batch_size: images per encoder call.
+        samples_per_shard: samples per shard.
+        dtype: stored precision.
+        scaling_factor: override the VAE's scaling_factor in the manifest.
+        shift_factor: override the VAE's shift_factor in the manifest.
+        device: where the encoders run (default: cuda if available, else cpu).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoders = Encoders(str(vae) if vae else None, str(text_encoder) if text_encoder else None, device, max_text_tokens)
+    written = write_latent_shards(
+        source,
+        out,
         encoders=encoders,
-        resolution=args.resolution,
-        bucket_step=args.aspect_buckets,
-        grayscale=args.grayscale,
-        batch_size=args.batch_size,
-        samples_per_shard=args.samples_per_shard,
-        dtype=args.dtype,
-        scaling_factor=args.scaling_factor,
-        shift_factor=args.shift_factor,
+        resolution=resolution,
+        bucket_step=aspect_buckets,
+        grayscale=grayscale,
+        batch_size=batch_size,
+        samples_per_shard=samples_per_shard,
+        dtype=dtype,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
-    print(f"wrote {out}")
+    manifest = json.loads((written / MANIFEST).read_text())
+    shards = manifest["shards"]
+    return {"out": str(written), "shards": len(shards), "samples": sum(s["samples"] for s in shards)}

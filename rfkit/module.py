@@ -24,6 +24,7 @@ from rfkit.couplings import Coupling, Independent
 from rfkit.data.schema import COND_KEYS
 from rfkit.distributed import any_rank, broadcast_from_zero, rank_and_world
 from rfkit.draws import RowDraws
+from rfkit.ema import find_ema
 from rfkit.metrics import LossMeter
 from rfkit.models.base import VelocityModel
 from rfkit.objectives import FlowMatching, Objective
@@ -309,6 +310,8 @@ class RectifiedFlow(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        ema = find_ema(self._trainer)  # objectives that read the EMA weights (Shortcut(targets='ema')) get them
+        self.objective.bind_ema((lambda: ema.swapped(self)) if ema is not None else None)
         if self.noise_seed is None:  # seed_everything's seed; one value on every rank
             seed = torch.tensor([torch.initial_seed() % 2**62], device=self.device)
             self.noise_seed = int(broadcast_from_zero(seed).item())

@@ -162,6 +162,10 @@ class Objective(Plugin, ABC):
         """Network evaluations :meth:`sample` spends per sample (without guidance's doubling)."""
         return (solver if solver is not None else Euler()).nfe(num_steps)
 
+    def bind_ema(self, swapped: Callable[[], AbstractContextManager] | None) -> None:
+        """Called at fit start with a context factory in which the model holds its EMA weights
+        (``EMA.swapped``, :mod:`rfkit.ema`), or None when the run keeps no EMA. Default: unused."""
+
 
 def instantaneous_loss(model: VelocityModel, pairs: Pairs, r: Tensor | None = None) -> Tensor:
     """(B,) ``mean ||model(z_t, t, cond, r) - (x1 - x0)||^2``: flow matching, and the r = 0 rows of the others."""
@@ -395,8 +399,8 @@ class Shortcut(Objective):
         fraction: share of rows with a consistency target.
         levels: log2 of the number of finest steps (paper: 7, steps down to 1/128).
         targets: ``"current"``: the consistency targets from the model being trained (no gradient);
-            ``"ema"``: from its exponential moving average (the paper's choice). ``"ema"`` needs the
-            EMA callback of rfkit.ema (``EMA.swapped``), which is not part of this build yet.
+            ``"ema"``: from its exponential moving average (the paper's choice), which needs
+            :class:`rfkit.ema.EMA` in the trainer's callbacks (the targets run inside ``EMA.swapped``).
     """
 
     needs_second_time = True
@@ -412,16 +416,17 @@ class Shortcut(Objective):
             raise ValueError(f"targets must be 'current' or 'ema', got {targets!r}")
         self.fraction, self.levels, self.targets = fraction, levels, targets
         self.target_weights: Callable[[], AbstractContextManager] = contextlib.nullcontext
-        """Hook: a context in which the model holds the weights the targets come from (the EMA's)."""
+        """A context in which the model holds the weights the targets come from (set by :meth:`bind_ema`)."""
 
-    def setup(self, model, *, sharded=False, activation_checkpointing=False, compile=False):
-        super().setup(model, sharded=sharded)
-        if self.targets == "ema":
-            # hook for rfkit.ema: the module sets self.target_weights = lambda: find_ema(trainer).swapped(module)
+    def bind_ema(self, swapped):
+        if self.targets != "ema":
+            return
+        if swapped is None:
             raise ValueError(
-                "Shortcut(targets='ema') needs rfkit's EMA callback (rfkit.ema.EMA, with EMA.swapped), which this "
-                "build does not have yet: use targets: current, or add the EMA callback once it lands"
+                "Shortcut(targets='ema') takes its consistency targets from the EMA weights, and this run keeps "
+                "no EMA: add rfkit.ema.EMA to trainer.callbacks, or use targets: current"
             )
+        self.target_weights = swapped
 
     def step_input(self, d: Tensor) -> Tensor:
         """The network's second input for step size d: 0 at (and below) the finest step, which is the velocity."""
@@ -450,10 +455,9 @@ class Shortcut(Objective):
         d = torch.where(consistent, full, torch.zeros_like(full))
         path = straight_path(pairs.x0, pairs.x1, t)
         target = path.u.clone()
-        rows = consistent.nonzero().squeeze(1)
-        if rows.numel():
-            cond = {k: v[rows] for k, v in pairs.cond.items()}
-            target[rows] = self.consistency_target(model, path.x_t[rows], t[rows], full[rows] / 2, cond).to(target)
+        rows = consistent.nonzero().squeeze(1)  # run even when empty: under FSDP2 every rank must do the same passes
+        cond = {k: v[rows] for k, v in pairs.cond.items()}
+        target[rows] = self.consistency_target(model, path.x_t[rows], t[rows], full[rows] / 2, cond).to(target)
         return squared_error(model(path.x_t, t, pairs.cond, self.step_input(d)), target), t
 
     def sample(self, model, x0, cond=None, *, solver=None, num_steps=1, shift=1.0, cfg_scale=1.0):

@@ -318,8 +318,48 @@ def test_shortcut_samples_with_its_step_size_and_refuses_ema_targets_without_ema
     mid = x0 + 0.5 * model(x0, torch.zeros(7), {}, torch.full((7,), 0.5))
     torch.testing.assert_close(two, mid + 0.5 * model(mid, torch.full((7,), 0.5), {}, torch.full((7,), 0.5)))
     assert Shortcut().nfe(None, 4) == 4
-    with pytest.raises(ValueError, match="EMA"):
-        Shortcut(targets="ema").setup(model)
+    with pytest.raises(ValueError, match=r"rfkit\.ema\.EMA"):
+        Shortcut(targets="ema").bind_ema(None)
+    Shortcut().bind_ema(None)  # current targets need no EMA
+
+
+def test_shortcut_ema_targets_come_from_the_swapped_in_weights():
+    import contextlib
+
+    live, average = (
+        randomize(MLP(dim=2, width=16, second_time=True)),
+        randomize(MLP(dim=2, width=16, second_time=True), 1),
+    )
+
+    @contextlib.contextmanager
+    def swapped():  # what EMA.swapped does: the averages in the live module's parameters, restored after
+        kept = copy.deepcopy(live.state_dict())
+        live.load_state_dict(average.state_dict())
+        yield
+        live.load_state_dict(kept)
+
+    objective = Shortcut(targets="ema")
+    objective.bind_ema(swapped)
+    z, t, half = torch.randn(6, 2), torch.rand(6) * 0.5, torch.full((6,), 0.25)
+    torch.testing.assert_close(
+        objective.consistency_target(live, z, t, half, {}), Shortcut().consistency_target(average, z, t, half, {})
+    )
+    assert not torch.equal(live.inp.weight, average.inp.weight)  # restored
+
+
+def test_shortcut_with_ema_targets_trains_end_to_end(tmp_path):
+    from pathlib import Path
+
+    from rfkit.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy2d_shortcut.yaml"
+    tiny = ["--trainer.max_steps=3", "--trainer.val_check_interval=3", "--data.init_args.batches_per_epoch=3"]
+    tiny += ["--data.init_args.val_size=64", "--trainer.enable_progress_bar=false", "--model.objective.targets=ema"]
+    with pytest.raises(ValueError, match="no EMA"):  # the toy config keeps none: refused at fit start
+        main(["fit", f"--config={config}", f"--trainer.default_root_dir={tmp_path / 'a'}", *tiny])
+    main(["fit", f"--config={config}", f"--trainer.default_root_dir={tmp_path / 'b'}", *tiny,
+          "--trainer.callbacks+=rfkit.ema.EMA", "--trainer.callbacks.decay=0.5"])  # fmt: skip
+    assert (tmp_path / "b" / "checkpoints" / "last.ckpt").exists()
 
 
 MEANFLOW = ["--trainer.max_steps=3", "--model.objective=MeanFlow", "--model.objective.ratio=0.5"]

@@ -253,9 +253,17 @@ class Resume(pl.Callback):
             self._save_last(trainer)
 
     def _save_last(self, trainer: pl.Trainer) -> None:
-        if trainer.checkpoint_callback is not None:  # every rank calls this: saving is collective
-            folder = Path(trainer.checkpoint_callback.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-            trainer.save_checkpoint(folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt")
+        callback = trainer.checkpoint_callback
+        if callback is None:
+            return
+        folder = Path(callback.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+            # make last.ckpt the callback's own (its state is saved with it): a resumed run then overwrites
+            # it, instead of versioning its next one to last-v1.ckpt beside this older file
+            callback.last_model_path = callback.format_checkpoint_name({}, ModelCheckpoint.CHECKPOINT_NAME_LAST)
+            path = Path(callback.last_model_path)
+        trainer.save_checkpoint(path)  # every rank calls this: saving is collective
 
     # ---- the trained weights, not the EMA, in a checkpoint written after training ended
     @override

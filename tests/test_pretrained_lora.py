@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 from pretrained_fixtures import SD3_LORA_TINY, SD3_TINY, write_sd3_shards
 
-from rfkit.checkpoint import load_checkpoint
+from rfkit.checkpoint import load_checkpoint, read_checkpoint
 from rfkit.cli import RFKitCLI, main
 from rfkit.models.pretrained import LoRA, SD3Transformer
 from rfkit.models.pretrained.lora import weights_sha256
@@ -42,7 +42,8 @@ def base_and_adapters(model: SD3Transformer) -> tuple[dict, dict]:
 
 def test_lora_fit_trains_only_adapters_saves_them_alone_and_resumes(tmp_path):
     data = write_sd3_shards(tmp_path / "data")
-    trained = fit(tmp_path / "run", data, 3, ALPHA).model.model
+    ema = ["--trainer.callbacks+=rfkit.ema.EMA", "--trainer.callbacks.decay=0.5"]
+    trained = fit(tmp_path / "run", data, 3, ALPHA, *ema).model.model
     base, adapters = base_and_adapters(trained)
     fresh_model = SD3Transformer(config=SD3_TINY, latent_size=8).transformer  # the base, rebuilt
     fresh = dict(fresh_model.named_parameters())
@@ -54,14 +55,19 @@ def test_lora_fit_trains_only_adapters_saves_them_alone_and_resumes(tmp_path):
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     saved = ckpt["state_dict"]
     assert {k for k in saved if "lora_" not in k} == {"model.base_sha256_bytes"}  # adapters only, and the base's hash
+    averaged = {k.removeprefix("ema/") for k in saved if k.startswith("ema/")}
+    assert averaged == {k for k in saved if "lora_" in k and not k.startswith("ema/")}  # the EMA: adapters only
     assert bytes(saved["model.base_sha256_bytes"].tolist()).hex() == trained.base_sha256 == weights_sha256(fresh_model)
     assert len(ckpt["optimizer_states"][0]["state"]) == len(adapters)  # the optimizer holds the adapters only
 
-    module = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")  # what `rfkit sample` does
+    module = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")  # what `rfkit sample` does: EMA adapters
+    live = read_checkpoint(tmp_path / "run/checkpoints/last.ckpt")["current_model_state"]
     for name, value in adapters.items():
-        assert torch.equal(dict(module.model.transformer.named_parameters())[name], value)
+        assert torch.equal(live[f"model.transformer.{name}"], value)  # the trained adapters, beside the average
+        loaded = dict(module.model.transformer.named_parameters())[name]
+        assert torch.equal(loaded, saved[f"ema/model.transformer.{name}"])  # sampling uses the average
 
-    resumed = fit(tmp_path / "run", data, 5, ALPHA)  # the same command, longer: resumes from last.ckpt at step 3
+    resumed = fit(tmp_path / "run", data, 5, ALPHA, *ema)  # the same command, longer: resumes from last.ckpt at step 3
     assert resumed.trainer.global_step == 5
     base2, adapters2 = base_and_adapters(resumed.model.model)
     assert all(torch.equal(base2[k], fresh[k]) for k in base2)
@@ -100,10 +106,10 @@ def test_export_full_fine_tune_with_ema(tmp_path):
     from diffusers import SD3Transformer2DModel
 
     data = write_sd3_shards(tmp_path / "data", n=8)
-    ema = ["--trainer.callbacks+=EMAWeightAveraging", "--trainer.callbacks.decay=0.5"]
+    ema = ["--trainer.callbacks+=rfkit.ema.EMA", "--trainer.callbacks.decay=0.5"]
     fit(tmp_path / "run", data, 2, "--model.model.init_args.lora=null", *ema)
     ckpt = tmp_path / "run/checkpoints/last.ckpt"
-    saved = torch.load(ckpt, weights_only=True)
+    saved = read_checkpoint(ckpt)  # rfkit.ema.EMA: the average as state_dict, the trained weights beside it
     for flag, weights, key in (("true", "ema", "state_dict"), ("false", "live", "current_model_state")):
         out = tmp_path / f"export_{weights}"
         main(["export", f"--ckpt={ckpt}", f"--out={out}", f"--ema={flag}"])

@@ -117,6 +117,19 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, uninterrupted
     assert_same_run(torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True), uninterrupted)
 
 
+def test_a_resumed_run_overwrites_the_last_checkpoint_that_sigterm_wrote(tmp_path):
+    # stopped at step 1, before the config's ModelCheckpoint ever saved: Resume writes last.ckpt alone
+    proc, _ = start(tmp_path, hang_at=1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 1
+    fit(tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=1-step=6.ckpt", "last.ckpt"]  # no last-v1
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 7
+
+
 def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"at step 4 .*Last good checkpoint: .*last.ckpt"):
         fit(

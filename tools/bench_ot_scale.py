@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_ot import dit_step_seconds  # the same DiT-S/2 step as bench_ot.md's
 
 from rfkit.couplings import MinibatchOT, OTGap, pair_cost
-from rfkit.models import DiT
 
 OUT = Path(__file__).parent / "results"
 SHAPE = (4, 32, 32)
@@ -54,23 +54,6 @@ def timed_in_rounds(options: dict[str, tuple[MinibatchOT, int]], x0, x1) -> dict
                 paired[name], _ = coupling(x0, x1, generator=torch.Generator().manual_seed(0))
                 times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(times[name]), paired[name]) for name in names}
-
-
-def dit_step_seconds(batch: int, repeats: int = 3) -> float:
-    """Seconds of one DiT-S/2 training step (4x32x32 latents, AdamW, fp32) at ``batch`` on this machine."""
-    torch.manual_seed(0)
-    model = DiT(in_channels=4, input_size=32, patch_size=2, width=384, depth=12, heads=6)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, t = torch.randn(batch, *SHAPE), torch.rand(batch)
-    times = []
-    for _ in range(repeats + 1):  # the first step warms up
-        start = time.perf_counter()
-        loss = (model(x, t, {}) - x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
 
 
 def main() -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from rfkit.checkpoint import load_checkpoint, read_checkpoint
 from rfkit.models.pretrained.base import PretrainedTransformer
 
@@ -27,12 +25,10 @@ PIPELINES = {"SD3Transformer": "StableDiffusion3Pipeline", "FluxTransformer": "F
 def _live_state(ckpt: Path) -> dict | None:
     """The live (not averaged) weights of a checkpoint that also holds an EMA; None when it holds none.
 
-    Lightning's ``EMAWeightAveraging`` stores the average as ``state_dict`` and the live weights as
-    ``current_model_state``. (Hook for rfkit's own EMA, issue #13: when its average lives elsewhere in
-    the checkpoint, ``load_checkpoint`` swaps it in, and this returns the ``state_dict`` it replaced.)
+    :func:`rfkit.checkpoint.read_checkpoint` gives, for :class:`rfkit.ema.EMA` as for Lightning's
+    ``EMAWeightAveraging``, the average as ``state_dict`` and the live weights as ``current_model_state``.
     """
-    raw = read_checkpoint(ckpt) if ckpt.is_dir() else torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    return raw.get("current_model_state")
+    return read_checkpoint(ckpt).get("current_model_state")
 
 
 def export(ckpt: Path, out: Path, ema: bool = True) -> dict:

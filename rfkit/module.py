@@ -30,6 +30,7 @@ from rfkit.models.base import VelocityModel
 from rfkit.objectives import FlowMatching, Objective
 from rfkit.parallel import parallelize
 from rfkit.resume import NonFiniteLossError
+from rfkit.sampling import SamplingSettings
 from rfkit.solvers import Euler, Solver
 from rfkit.strategies import sharding_mesh
 from rfkit.timesteps import TimestepSampler, Uniform
@@ -256,27 +257,25 @@ class RectifiedFlow(pl.LightningModule):
             name = f"val/loss_t/{(k + 0.5) / self.val_levels:.3f}"
             self.log(name, at_level.mean(), on_epoch=True, sync_dist=True, batch_size=at_level.numel())
 
+    @property
+    def sampling(self) -> SamplingSettings:
+        """This module's sampling settings (``sample_solver``, ``sample_steps``, ``sample_shift``, ``cfg_scale``)."""
+        return SamplingSettings(self.sample_solver, self.sample_steps, self.sample_shift, self.cfg_scale)
+
     @torch.no_grad()
     def sample(
         self, x0: Tensor, cond: dict[str, Tensor] | None = None, num_steps: int | None = None, **kw: Any
     ) -> Tensor:
-        """Samples from noise ``x0`` with the objective's sampler and this module's settings (overridable
-        by keyword); :meth:`nfe` says what it costs."""
-        return self.objective.sample(
-            self.model,
-            x0,
-            cond,
-            solver=kw.get("solver", self.sample_solver),
-            num_steps=num_steps or self.sample_steps,
-            shift=kw.get("shift", self.sample_shift),
-            cfg_scale=kw.get("cfg_scale", self.cfg_scale),
-        )
+        """Samples from noise ``x0`` with the objective's sampler and :attr:`sampling`, overridden by
+        keyword (``solver``, ``num_steps``, ``shift``, ``cfg_scale``); :meth:`nfe` says what it costs."""
+        settings = self.sampling.override(num_steps=num_steps, **kw)
+        return self.objective.sample(self.model, x0, cond, **settings.kwargs())
 
     def nfe(self, num_steps: int | None = None, conditional: bool = False, **kw: Any) -> int:
         """Network evaluations per sample of :meth:`sample` with these settings (doubled by guidance)."""
-        cfg = kw.get("cfg_scale", self.cfg_scale)
-        nfe = self.objective.nfe(kw.get("solver", self.sample_solver), num_steps or self.sample_steps)
-        return nfe * (2 if conditional and cfg != 1.0 else 1)
+        settings = self.sampling.override(num_steps=num_steps, **kw)
+        nfe = self.objective.nfe(settings.solver, settings.num_steps)
+        return nfe * (2 if conditional and settings.cfg_scale != 1.0 else 1)
 
     # ------------------------------------------------------------------ optimisation & checkpoints
 

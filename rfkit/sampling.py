@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from rfkit.models.base import Cond, VelocityModel
 from rfkit.solvers import Euler, Solver, VelocityFn, time_grid
 
-__all__ = ["generate", "guided_velocity"]
+__all__ = ["SamplingSettings", "generate", "guided_velocity"]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How samples are drawn: the solver, its steps, the timestep shift and the guidance scale.
+
+    One value for the module's defaults (``RectifiedFlow.sampling``), ``rfkit sample`` and
+    ``rfkit reflow``: a command's options override it with :meth:`override`, and :meth:`record`
+    is what they report.
+    """
+
+    solver: Solver
+    num_steps: int
+    shift: float = 1.0
+    cfg_scale: float = 1.0
+
+    def override(self, **values: Any) -> SamplingSettings:
+        """These settings with the given values replaced; a value of None keeps the current one."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def kwargs(self) -> dict[str, Any]:
+        """As keyword arguments of :func:`generate` and of an objective's ``sample``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def record(self) -> dict[str, Any]:
+        """Plain data for reports and manifests: the solver as its constructor call."""
+        return {**self.kwargs(), "solver": repr(self.solver)}
 
 
 def guided_velocity(model: VelocityModel, cond: Cond, cfg_scale: float = 1.0) -> VelocityFn:

@@ -147,3 +147,20 @@ def test_hyperparameters_are_the_parsed_config_under_the_cli_and_scalars_in_pyth
     cli = RFKitCLI(args=[f"--config={config}", "--trainer.logger=false"], run=False)
     assert cli.model.hparams["timesteps"]["class_path"] == "rfkit.timesteps.Uniform"
     assert cli.model.hparams["model"]["init_args"]["dim"] == 2
+
+
+def test_sampling_settings_are_one_value_with_overrides():
+    from rfkit.models import MLP
+    from rfkit.sampling import SamplingSettings
+    from rfkit.solvers import Heun
+
+    flow = RectifiedFlow(MLP(dim=2, width=8, depth=1), sample_solver=Heun(), sample_steps=5, sample_shift=2.0)
+    assert flow.sampling == SamplingSettings(flow.sample_solver, 5, 2.0, 1.0)
+    changed = flow.sampling.override(num_steps=3, shift=None, cfg_scale=2.0)  # None keeps the module's value
+    assert (changed.num_steps, changed.shift, changed.cfg_scale) == (3, 2.0, 2.0)
+    assert changed.record() == {"solver": "Heun()", "num_steps": 3, "shift": 2.0, "cfg_scale": 2.0}
+    x0 = torch.randn(4, 2)
+    torch.testing.assert_close(
+        flow.sample(x0, {}, num_steps=3), generate(flow.model, x0, {}, solver=Heun(), num_steps=3, shift=2.0)
+    )
+    assert flow.nfe() == 10 and flow.nfe(3) == 6  # Heun: 2 evaluations per step

@@ -52,7 +52,7 @@ def _pairs(flow, out: Path, shards: list[int], total: int, per_shard: int, extra
             for start in range(0, n, cfg["batch_size"]):
                 part = slice(start, start + cfg["batch_size"])
                 c = {key: v[part].to(device) for key, v in cond.items()}
-                x1 = flow.sample(x0[part].to(device), c, **cfg["sampling"]).float().cpu()
+                x1 = flow.sample(x0[part].to(device), c, **cfg["sampling"].kwargs()).float().cpu()
                 for i in range(x1.shape[0]):
                     sample = {"latent": x1[i].numpy(), "noise": x0[part][i].numpy()}
                     for key, value in c.items():
@@ -105,17 +105,12 @@ def reflow(
     flow = load_checkpoint(ckpt, map_location=device)
     if labels is None and cond_file is None and "cls" in flow.model.cond_keys:
         labels = list(range(flow.model.num_classes))
-    sampling = {
-        "solver": solver if solver is not None else flow.sample_solver,
-        "num_steps": num_steps,
-        "shift": flow.sample_shift if shift is None else shift,
-        "cfg_scale": flow.cfg_scale if cfg_scale is None else cfg_scale,
-    }
+    sampling = flow.sampling.override(solver=solver, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale)
     given = ({"cls"} if labels else set()) | (set(COND_KEYS) if cond_file else set())
     missing = sorted(set(flow.model.cond_keys) - given)
     if missing:
         raise ValueError(f"the teacher needs conditioning {missing}: pass --labels or --cond_file")
-    teacher = {"checkpoint": str(ckpt), **{k: repr(v) if k == "solver" else v for k, v in sampling.items()}}
+    teacher = {"checkpoint": str(ckpt), **sampling.record()}
     extra = {"reflow": {**teacher, "seed": seed}}  # pairs are in model space: scaling 1, shift 0
     cfg = {"seed": seed, "labels": labels, "cond_file": cond_file, "batch_size": batch_size, "sampling": sampling}
     num_shards = -(-num_pairs // samples_per_shard)
@@ -153,6 +148,6 @@ def reflow(
         "num_val_pairs": num_val_pairs,
         "ranks": world,
         "teacher": teacher,
-        "nfe_per_pair": sampling["solver"].nfe(num_steps),
+        "nfe_per_pair": flow.nfe(conditional=bool(flow.model.cond_keys), **sampling.kwargs()),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -130,13 +130,8 @@ def sample(
         )
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.randn((num_samples, *flow.model.latent_shape), generator=g, device=device)
-    settings = {
-        "solver": solver if solver is not None else flow.sample_solver,
-        "num_steps": num_steps or flow.sample_steps,
-        "shift": flow.sample_shift if shift is None else shift,
-        "cfg_scale": flow.cfg_scale if cfg_scale is None else cfg_scale,
-    }
-    x1 = flow.sample(x0, cond, **settings)
+    settings = flow.sampling.override(solver=solver, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale)
+    x1 = flow.sample(x0, cond, **settings.kwargs())
     np.save(out / "samples.npy", x1.float().cpu().numpy())
     np.save(out / "noise.npy", x0.float().cpu().numpy())
     decode = vae_decoder(flow.run_config)
@@ -148,11 +143,11 @@ def sample(
         "num_samples": num_samples,
         "seed": seed,
         "objective": repr(flow.objective),
-        **{k: (repr(v) if k == "solver" else v) for k, v in settings.items()},
-        "nfe": flow.nfe(conditional=bool(cond), **settings),  # the objective's sampler: jumps cost one each
+        **settings.record(),
+        "nfe": flow.nfe(conditional=bool(cond), **settings.kwargs()),  # the objective's sampler: jumps cost one each
     }
     if diagnostics_steps > 0:
-        fs = flow_stats(guided_velocity(flow.model, cond, settings["cfg_scale"]), x0, diagnostics_steps)
+        fs = flow_stats(guided_velocity(flow.model, cond, settings.cfg_scale), x0, diagnostics_steps)
         stats.update(
             straightness=fs.straightness, transport_cost=fs.transport_cost, diagnostics_steps=diagnostics_steps
         )

@@ -22,6 +22,8 @@ from pretrained_fixtures import SD3_TINY, write_sd3_shards
 
 from rfkit.checkpoint import load_checkpoint
 from rfkit.cli import RFKitCLI, main
+from rfkit.commands.reflow import reflow
+from rfkit.data import LatentShardWriter
 from rfkit.distributed import stream_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +80,12 @@ def test_reflow_of_a_lora_sd3_teacher_with_cfg_and_its_captions_then_a_lora_stud
           "--model.model.init_args.lora.alpha=16", "--model.optimizer.init_args.lr=0.01",
           "--trainer.callbacks+=rfkit.ema.EMA", "--trainer.callbacks.decay=0.5"])  # fmt: skip
     teacher = Path("runs/sd3_lora/checkpoints/last.ckpt")
+    with pytest.raises(ValueError, match=r"needs conditioning \['pooled', 'text'\]: pass --prompts_from"):
+        reflow(teacher, Path("nowhere"), num_pairs=2)
+    with pytest.raises(ValueError, match="holds none of the teacher's conditioning"):
+        with LatentShardWriter(Path("data/plain"), 2) as plain:  # latents without captions
+            plain.write({"latent": np.zeros((4, 8, 8), np.float32)})
+        reflow(teacher, Path("nowhere"), num_pairs=2, prompts_from="data/plain")
     main(["reflow", f"--ckpt={teacher}", "--out=data/sd3_reflow", "--prompts_from=data/sd3/train", "--num_pairs=8",
           "--num_val_pairs=4", "--samples_per_shard=3", f"--num_steps={STEPS}", f"--cfg_scale={CFG}",
           f"--shift={SHIFT}", "--batch_size=2"])  # fmt: skip
@@ -127,15 +135,3 @@ def test_reflow_of_a_lora_sd3_teacher_with_cfg_and_its_captions_then_a_lora_stud
     saved = torch.load("runs/sd3_reflow/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert {k for k in saved if "lora_" not in k} == {"model.base_sha256_bytes"}  # a LoRA student: adapters only
     assert type(student.coupling).__name__ == "Reflow"
-
-
-def test_reflow_prompts_from_shards_without_the_teachers_conditioning(tmp_path):
-    from rfkit.commands.reflow import reflow
-
-    shards = write_sd3_shards(tmp_path / "data", n=2)
-    main(["fit", f"--config={ROOT / 'configs/sd3_lora.yaml'}", *TINY, "--trainer.max_steps=1",
-          f"--trainer.default_root_dir={tmp_path / 'run'}", f"--data.init_args.shards={shards / 'train'}",
-          f"--data.init_args.val_shards={shards / 'val'}"])  # fmt: skip
-    ckpt = tmp_path / "run/checkpoints/last.ckpt"
-    with pytest.raises(ValueError, match="pass --prompts_from"):
-        reflow(ckpt, tmp_path / "pairs", num_pairs=2)

@@ -135,3 +135,16 @@ def test_reflow_of_a_lora_sd3_teacher_with_cfg_and_its_captions_then_a_lora_stud
     saved = torch.load("runs/sd3_reflow/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert {k for k in saved if "lora_" not in k} == {"model.base_sha256_bytes"}  # a LoRA student: adapters only
     assert type(student.coupling).__name__ == "Reflow"
+
+    # a fully fine-tuned student of the LoRA teacher starts from the adapters merged into the base (lr 0: as started)
+    full = RFKitCLI(
+        args=["fit", f"--config={ROOT / 'configs/sd3_reflow.yaml'}", *TINY, "--trainer.max_steps=1",
+              "--model.model.init_args.lora=null", "--model.optimizer.init_args.lr=0.0",
+              "--data.init_args.val_shards=null", "--trainer.default_root_dir=runs/sd3_reflow_full"]
+    ).model.model  # fmt: skip
+    assert full.lora is None and all(p.requires_grad for p in full.parameters())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g)
+    cond = {"text": torch.randn(2, 5, 32, generator=g), "pooled": torch.randn(2, 64, generator=g)}
+    with torch.no_grad():
+        torch.testing.assert_close(full.eval()(x, t, cond), load_checkpoint(teacher).model.eval()(x, t, cond))

@@ -71,12 +71,15 @@ def test_encode_with_a_pipeline_stores_its_encode_prompt(kind, tmp_path):
     assert manifest["vae"]["path"] == str(pipe_dir / "vae") and rows["latent"].shape == (6, 4, 16, 16)
 
 
-def test_sample_from_prompts_with_the_pipeline(tmp_path):
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_sample_from_prompts_with_the_pipeline(kind, tmp_path):
     """LoRA on the pipeline folder's transformer -> `rfkit sample --prompts ... --pipeline`: the samples are the
     model's from the stored noise and the pipeline's own prompt embeddings; decoded by the pipeline's VAE."""
-    pipe_dir = write_sd3_pipeline(tmp_path / "pipe")
+    pipe_dir = (write_sd3_pipeline if kind == "sd3" else write_flux_pipeline)(tmp_path / "pipe")
     data = write_sd3_shards(tmp_path / "data", n=4)
     args = [a.format(data=data) for a in SD3_LORA_TINY if not a.startswith("--model.model.init_args.config")]
+    if kind == "flux":  # the same config with Flux's adapter (its LoRA targets are Flux's defaults)
+        args = ["--model.model=FluxTransformer", *args]
     main(["fit", f"--config={ROOT / 'configs/sd3_lora.yaml'}", *args, f"--model.model.init_args.path={pipe_dir}",
           f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
           "--trainer.logger=false"])  # fmt: skip
@@ -85,12 +88,16 @@ def test_sample_from_prompts_with_the_pipeline(tmp_path):
     main(["sample", f"--ckpt={ckpt}", f"--out={tmp_path / 'samples'}", "--num_samples=3", "--prompts", *prompts,
           f"--pipeline={pipe_dir}", f"--max_sequence_length={T5_TOKENS}", "--num_steps=2", "--cfg_scale=2.0",
           "--diagnostics_steps=0"])  # fmt: skip
-    pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir, local_files_only=True)
     with torch.no_grad():
-        text, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            max_sequence_length=T5_TOKENS,
-        )  # fmt: skip
+        if kind == "sd3":
+            pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir, local_files_only=True)
+            text, _, pooled, _ = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+                max_sequence_length=T5_TOKENS,
+            )  # fmt: skip
+        else:
+            pipe = FluxPipeline.from_pretrained(pipe_dir, local_files_only=True)
+            text, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=T5_TOKENS)
     rows = torch.tensor([0, 1, 0])  # prompts cycled over the samples
     flow = load_checkpoint(ckpt)
     noise = torch.from_numpy(np.load(tmp_path / "samples/noise.npy"))
@@ -98,6 +105,7 @@ def test_sample_from_prompts_with_the_pipeline(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "samples/samples.npy"), expected.numpy(), rtol=1e-5, atol=1e-5)
     stats = json.loads((tmp_path / "samples/stats.json").read_text())
     assert stats["decoded_by_vae"] and stats["prompts"] == prompts
+    assert type(flow.model).__name__ == {"sd3": "SD3Transformer", "flux": "FluxTransformer"}[kind]
     with pytest.raises(ValueError, match="--prompts needs --pipeline"):
         from rfkit.commands.sample import sample
 

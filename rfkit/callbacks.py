@@ -155,7 +155,9 @@ class InitFromCheckpoint(pl.Callback):
     checkpoint without one: its zero-initialised second-time embedding is kept.
 
     Args:
-        path: checkpoint written by ``rfkit fit``; the architectures must match.
+        path: checkpoint written by ``rfkit fit``; the architectures must match. A LoRA checkpoint
+            starts a LoRA run from its adapters, or a run without LoRA from the adapters merged into
+            the base (:func:`rfkit.models.pretrained.lora.merged_weights`).
     """
 
     def __init__(self, path: str) -> None:
@@ -167,6 +169,11 @@ class InitFromCheckpoint(pl.Callback):
             return
         state = read_checkpoint(self.path, map_location="cpu")["state_dict"]
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        if "base_sha256_bytes" in weights and getattr(pl_module.model, "lora", False) is None:
+            # a LoRA teacher, a fully fine-tuned student: the teacher's adapters merged into its base
+            from rfkit.models.pretrained.lora import merged_weights
+
+            weights = merged_weights(self.path)
         try:
             missing, unexpected = pl_module.model.load_state_dict(weights, strict=False)
         except RuntimeError as err:

@@ -25,6 +25,7 @@ run. See :mod:`rfkit.resume` for what is restored.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import warnings
@@ -213,6 +214,29 @@ COMMANDS = {
 their options (jsonargparse), imported when run so that ``rfkit fit`` does not pay for them."""
 
 
+SPACE_SEPARATED = ("--prompts",)
+"""List options that also take shell-style values, ``--prompts "a cat" "a dog"`` (jsonargparse wants
+``--prompts '["a cat", "a dog"]'``, which still works)."""
+
+
+def gather_values(args: list[str]) -> list[str]:
+    """``--prompts a b --seed 1`` -> ``--prompts=["a", "b"] --seed 1`` for the options of :data:`SPACE_SEPARATED`."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] not in SPACE_SEPARATED:
+            out.append(args[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(args) and not args[j].startswith("--"):
+            j += 1
+        values = args[i + 1 : j]
+        single_json = len(values) == 1 and values[0].lstrip().startswith("[")
+        out.append(f"{args[i]}={values[0] if single_json else json.dumps(values)}")
+        i = j
+    return out
+
+
 def run_command(name: str, args: list[str]) -> None:
     """``rfkit sample|reflow|encode|index|export ...``: parse the options, run, print the returned report."""
     from jsonargparse import auto_cli
@@ -221,7 +245,7 @@ def run_command(name: str, args: list[str]) -> None:
     command = getattr(importlib.import_module(module), function)
     try:
         with class_switch_resets():
-            result = auto_cli(command, args=args, as_positional=False, prog=f"rfkit {name}")
+            result = auto_cli(command, args=gather_values(args), as_positional=False, prog=f"rfkit {name}")
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:  # bad input: say what, no traceback
         sys.exit(f"rfkit {name}: error: {err}")
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report

@@ -51,12 +51,16 @@ TINY["toy2d_meanflow.yaml"] = TINY["toy2d_shortcut.yaml"] = TINY["toy2d.yaml"]
 TINY["digits_meanflow.yaml"] = TINY["digits_shortcut.yaml"] = TINY["digits.yaml"]
 TINY["toy2d_reflow.yaml"] = [*TINY["toy2d.yaml"][:1], "--data.init_args.batch_size=64", "--model.sample_steps=2"]
 TINY["sd3_lora.yaml"] = SD3_LORA_TINY
+TINY["sd3_reflow.yaml"] = [  # the tiny SD3 student on the pairs at data/sd3_reflow (the config's own path)
+    *(a for a in SD3_LORA_TINY if not a.startswith(("--data.init_args.shards", "--data.init_args.val_shards"))),
+]
 TINY["digits_reflow.yaml"] = [*TINY["digits.yaml"][:2], "--data.init_args.batch_size=32", "--model.sample_steps=2"]
 DATA = {
     "digits_text.yaml": "digits_text_shards",
     "toy2d_reflow.yaml": "reflow_pairs",
     "digits_reflow.yaml": "reflow_pairs",
     "sd3_lora.yaml": "sd3_shards",
+    "sd3_reflow.yaml": "sd3_reflow_pairs",
 }
 """Configs that train on generated data: the fixture that makes it. The test runs in that directory
 (the configs' relative paths resolve there), and ``{data}`` in TINY is its path."""
@@ -85,6 +89,20 @@ def digits_text_shards(tmp_path_factory) -> Path:
 def sd3_shards(tmp_path_factory) -> Path:
     """Random latents and text embeddings shaped for the tiny SD3 of tests/pretrained_fixtures.py."""
     return write_sd3_shards(tmp_path_factory.mktemp("sd3"))
+
+
+@pytest.fixture(scope="session")
+def sd3_reflow_pairs(tmp_path_factory) -> Path:
+    """configs/sd3_reflow.yaml's comment, tiny: a LoRA teacher at runs/sd3_lora, its guided pairs for its own
+    captions (`rfkit reflow --prompts_from data/sd3/train`) at data/sd3_reflow."""
+    root = tmp_path_factory.mktemp("sd3_reflow")
+    shards = write_sd3_shards(root / "data" / "sd3", n=8)
+    fit("sd3_lora.yaml", root / "runs" / "sd3_lora", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+        "--trainer.logger=false", data=shards)  # fmt: skip
+    main(["reflow", f"--ckpt={root / 'runs/sd3_lora/checkpoints/last.ckpt'}", f"--out={root / 'data/sd3_reflow'}",
+          f"--prompts_from={shards / 'train'}", "--num_pairs=24", "--num_val_pairs=8", "--samples_per_shard=8",
+          "--num_steps=2", "--cfg_scale=2.0", "--batch_size=8"])  # fmt: skip
+    return root
 
 
 @pytest.fixture(scope="session")

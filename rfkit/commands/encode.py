@@ -13,6 +13,10 @@ and ``cls`` alike. Every image becomes one sample of :mod:`rfkit.data.schema`:
 - ``text`` / ``pooled``: a Hugging Face text encoder on a local path (``--text_encoder``):
   the last hidden states of the caption, padded or cut to ``--max_text_tokens`` with padding
   zeroed (L, D), and their mean over the real tokens (D,) (sentence-transformers' pooling).
+  Or, with ``--pipeline DIR`` (a downloaded SD3 / Flux pipeline), the pipeline's own
+  ``encode_prompt``: ``text`` = prompt_embeds (L, D), ``pooled`` = pooled_prompt_embeds (D,),
+  exactly what the pipeline feeds its transformer (:mod:`rfkit.models.pretrained.prompts`); the
+  latents then come from its ``vae/`` unless ``--vae`` is given.
 - ``cls``: the label sidecar, if every image has one.
 
 Images are resized to cover ``--resolution`` (or, with ``--aspect_buckets``, the bucket of about
@@ -115,10 +119,22 @@ def to_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
 class Encoders:
     """The VAE and text encoder (either may be absent), on one device, in inference mode."""
 
-    def __init__(self, vae: str | None, text_encoder: str | None, device: str, max_tokens: int) -> None:
+    def __init__(
+        self,
+        vae: str | None,
+        text_encoder: str | None,
+        device: str,
+        max_tokens: int,
+        pipeline: str | None = None,
+        max_sequence_length: int | None = None,
+    ) -> None:
         self.device, self.max_tokens = torch.device(device), max_tokens
-        self.vae = self.tokenizer = self.text = None
+        self.vae = self.tokenizer = self.text = self.prompts = None
         self.info: dict = {"vae": None, "text_encoder": None}
+        if pipeline is not None and text_encoder is not None:
+            raise ValueError("--pipeline encodes captions with the pipeline's own text encoders: drop --text_encoder")
+        if pipeline is not None and vae is None and (Path(pipeline) / "vae" / "config.json").is_file():
+            vae = str(Path(pipeline) / "vae")  # the pipeline's latents, unless --vae says otherwise
         try:
             if vae is not None:
                 from diffusers import AutoencoderKL
@@ -138,6 +154,11 @@ class Encoders:
                     "max_tokens": max_tokens,
                     "pooling": "mean",
                 }
+            if pipeline is not None:
+                from rfkit.models.pretrained.prompts import PipelinePrompts
+
+                self.text = self.prompts = PipelinePrompts(_local(pipeline, "--pipeline"), device, max_sequence_length)
+                self.info["text_encoder"] = self.prompts.info
         except ImportError as err:
             raise ImportError(f"{err.name} is missing: rfkit encode needs `pip install 'rfkit[encode]'`") from None
 
@@ -151,7 +172,11 @@ class Encoders:
 
     @torch.inference_mode()
     def captions(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Captions -> text (B, L, D) with padding zeroed, pooled (B, D) = mean over the real tokens."""
+        """Captions -> text (B, L, D) with padding zeroed, pooled (B, D) = mean over the real tokens; with a
+        pipeline, its ``encode_prompt``'s prompt_embeds and pooled_prompt_embeds."""
+        if self.prompts is not None:
+            text, pooled = self.prompts(texts)
+            return text.numpy(), pooled.numpy()
         tokens = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
         ).to(self.device)
@@ -264,6 +289,8 @@ def encode(
     vae: Path | None = None,
     text_encoder: Path | None = None,
     max_text_tokens: int = 77,
+    pipeline: Path | None = None,
+    max_sequence_length: int | None = None,
     resolution: int = 256,
     aspect_buckets: int | None = None,
     grayscale: bool = False,
@@ -282,7 +309,11 @@ def encode(
         out: the directory for ``shard-NNNNNN.tar`` and ``dataset.json``.
         vae: local folder of a diffusers AutoencoderKL (default: the pixels are the latents).
         text_encoder: local folder of a Hugging Face text encoder (e.g. all-MiniLM-L6-v2).
-        max_text_tokens: caption tokens kept, padded with zeros.
+        max_text_tokens: caption tokens kept, padded with zeros (``--text_encoder``).
+        pipeline: local folder of a diffusers SD3 or Flux pipeline: captions are encoded by its own
+            ``encode_prompt`` (``text`` = prompt_embeds (L, D), ``pooled`` = pooled_prompt_embeds (D,)),
+            and images by its ``vae/`` unless ``--vae`` is given.
+        max_sequence_length: T5 tokens of ``--pipeline``'s prompts (default: the pipeline's, SD3 256, Flux 512).
         resolution: image side in pixels.
         aspect_buckets: keep aspect ratios, in buckets of sides k * aspect_buckets pixels.
         grayscale: encode one grey channel instead of RGB.
@@ -294,7 +325,14 @@ def encode(
         device: where the encoders run (default: cuda if available, else cpu).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoders = Encoders(str(vae) if vae else None, str(text_encoder) if text_encoder else None, device, max_text_tokens)
+    encoders = Encoders(
+        str(vae) if vae else None,
+        str(text_encoder) if text_encoder else None,
+        device,
+        max_text_tokens,
+        pipeline=str(pipeline) if pipeline else None,
+        max_sequence_length=max_sequence_length,
+    )
     written = write_latent_shards(
         source,
         out,

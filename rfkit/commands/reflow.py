@@ -24,6 +24,7 @@ import torch.distributed as dist
 from rfkit.checkpoint import load_checkpoint
 from rfkit.commands.sample import load_condition
 from rfkit.data.schema import COND_KEYS, FIELDS, MANIFEST
+from rfkit.data.shards import read_rows, resolve_shards
 from rfkit.data.writer import LatentShardWriter, merge_parts
 from rfkit.distributed import stream_seed
 from rfkit.solvers import Solver
@@ -49,6 +50,9 @@ def _pairs(flow, out: Path, shards: list[int], total: int, per_shard: int, extra
             first, n = k * per_shard, min(per_shard, total - k * per_shard)
             x0 = torch.randn((n, *shape), generator=torch.Generator().manual_seed(stream_seed(cfg["seed"], k)))
             cond = load_condition(cfg["labels"], cfg["cond_file"], n, offset=first)  # pair i: condition i (cycled)
+            if cfg["prompts_from"]:  # pair i: the i-th caption of the teacher's shards (cycled)
+                rows = read_rows(cfg["prompts_from"], cfg["prompt_keys"], first, n)
+                cond.update({key: torch.from_numpy(v) for key, v in rows.items()})
             for start in range(0, n, cfg["batch_size"]):
                 part = slice(start, start + cfg["batch_size"])
                 c = {key: v[part].to(device) for key, v in cond.items()}
@@ -71,6 +75,7 @@ def reflow(
     cfg_scale: float | None = None,
     labels: list[int] | None = None,
     cond_file: Path | None = None,
+    prompts_from: str | None = None,
     samples_per_shard: int = 1000,
     batch_size: int = 256,
     seed: int = 0,
@@ -94,6 +99,10 @@ def reflow(
         labels: class labels, cycled over the pairs; default for a class-conditional teacher:
             all its classes in turn (0, 1, ..., C-1, 0, 1, ...).
         cond_file: ``.npz`` with ``cls`` / ``text`` / ``pooled`` arrays, cycled over the pairs.
+        prompts_from: latent shards (a directory, a brace pattern) whose conditioning the pairs take,
+            e.g. the shards the teacher trained on: pair i gets row i (cycled) of every ``text`` /
+            ``pooled`` / ``cls`` the teacher reads and the shards hold, in the shards' order
+            (:func:`rfkit.data.shards.read_rows`); the pairs store those rows beside the noise.
         samples_per_shard: pairs per shard (the unit of work and of resuming).
         batch_size: pairs integrated at once.
         seed: seed of the noise.
@@ -103,16 +112,37 @@ def reflow(
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     flow = load_checkpoint(ckpt, map_location=device)
-    if labels is None and cond_file is None and "cls" in flow.model.cond_keys:
+    if labels is None and cond_file is None and prompts_from is None and "cls" in flow.model.cond_keys:
         labels = list(range(flow.model.num_classes))
     sampling = flow.sampling.override(solver=solver, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale)
-    given = ({"cls"} if labels else set()) | (set(COND_KEYS) if cond_file else set())
+    prompt_keys = []
+    if prompts_from is not None:
+        _, manifest = resolve_shards(prompts_from)
+        prompt_keys = [k for k in flow.model.cond_keys if k in manifest.keys]
+        if not prompt_keys:
+            raise ValueError(
+                f"{prompts_from} holds none of the teacher's conditioning {list(flow.model.cond_keys)} "
+                f"(its keys: {list(manifest.keys)}): pass the shards the teacher trained on"
+            )
+    given = ({"cls"} if labels else set()) | (set(COND_KEYS) if cond_file else set()) | set(prompt_keys)
     missing = sorted(set(flow.model.cond_keys) - given)
     if missing:
-        raise ValueError(f"the teacher needs conditioning {missing}: pass --labels or --cond_file")
+        raise ValueError(
+            f"the teacher needs conditioning {missing}: pass --prompts_from (the shards it trained on), "
+            "--cond_file (an .npz with text / pooled arrays) or --labels"
+        )
     teacher = {"checkpoint": str(ckpt), **sampling.record()}
+    teacher["prompts_from"] = prompts_from
     extra = {"reflow": {**teacher, "seed": seed}}  # pairs are in model space: scaling 1, shift 0
-    cfg = {"seed": seed, "labels": labels, "cond_file": cond_file, "batch_size": batch_size, "sampling": sampling}
+    cfg = {
+        "seed": seed,
+        "labels": labels,
+        "cond_file": cond_file,
+        "prompts_from": prompts_from,
+        "prompt_keys": prompt_keys,
+        "batch_size": batch_size,
+        "sampling": sampling,
+    }
     num_shards = -(-num_pairs // samples_per_shard)
     if (out / MANIFEST).exists() and not any(out.glob("part-*")):  # finished earlier
         return {"out": str(out), "num_pairs": num_pairs, "teacher": teacher, "resumed": True}

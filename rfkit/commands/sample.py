@@ -89,6 +89,9 @@ def sample(
     cfg_scale: float | None = None,
     labels: list[int] | None = None,
     cond_file: Path | None = None,
+    prompts: list[str] | None = None,
+    pipeline: Path | None = None,
+    max_sequence_length: int | None = None,
     seed: int = 0,
     diagnostics_steps: int = 100,
     device: str = "cpu",
@@ -115,18 +118,32 @@ def sample(
         cfg_scale: classifier-free guidance scale (default: the checkpoint's).
         labels: class labels, cycled over the samples (class-conditional models).
         cond_file: ``.npz`` with ``cls``, ``text``, ``pooled`` arrays (text-conditioned models).
+        prompts: text prompts, cycled over the samples, encoded by ``pipeline``'s own ``encode_prompt``
+            (SD3 / Flux; see :mod:`rfkit.models.pretrained.prompts`).
+        pipeline: local folder of the diffusers pipeline the model came from: its text encoders encode
+            ``prompts``; its ``vae/`` (when present) decodes the samples for ``samples.png``.
+        max_sequence_length: T5 tokens of the prompts (default: the pipeline's; use what the shards had).
         seed: seed of the starting noise.
         diagnostics_steps: Euler steps for the straightness measurement (0: skip).
         device: where to run ("cpu", "cuda", ...).
     """
     flow = load_checkpoint(ckpt, map_location=device)
     out.mkdir(parents=True, exist_ok=True)
-    cond = {k: v.to(device) for k, v in load_condition(labels, cond_file, num_samples).items()}
+    cond = load_condition(labels, cond_file, num_samples)
+    if prompts and pipeline is None:
+        raise ValueError("--prompts needs --pipeline: the local pipeline folder whose text encoders encode them")
+    if prompts:
+        from rfkit.models.pretrained.prompts import PipelinePrompts
+
+        text, pooled = PipelinePrompts(pipeline, device, max_sequence_length)(prompts)
+        rows = torch.arange(num_samples) % len(prompts)  # sample i: prompt i mod P
+        cond.update(text=text[rows], pooled=pooled[rows])
+    cond = {k: v.to(device) for k, v in cond.items()}
     missing = sorted(set(flow.model.cond_keys) - set(cond))
     if missing:
         raise ValueError(
             f"{type(flow.model).__name__} needs conditioning {missing}: pass --labels (class labels, e.g. "
-            "--labels [0,1,2]) or --cond_file (an .npz with cls / text / pooled arrays)"
+            "--labels [0,1,2]), --prompts with --pipeline, or --cond_file (an .npz with cls / text / pooled arrays)"
         )
     g = torch.Generator(device=device).manual_seed(seed)
     x0 = torch.randn((num_samples, *flow.model.latent_shape), generator=g, device=device)
@@ -134,13 +151,20 @@ def sample(
     x1 = flow.sample(x0, cond, **settings.kwargs())
     np.save(out / "samples.npy", x1.float().cpu().numpy())
     np.save(out / "noise.npy", x0.float().cpu().numpy())
-    decode = vae_decoder(flow.run_config)
+    decode = None
+    if pipeline is not None:
+        from rfkit.models.pretrained.prompts import pipeline_vae_decoder
+
+        decode = pipeline_vae_decoder(pipeline)
+    if decode is None:
+        decode = vae_decoder(flow.run_config)
     shown = decode(x1) if decode is not None else x1
     sample_image(shown, upscale=4 if shown.ndim == 4 and shown.shape[-1] <= 16 else 1).save(out / "samples.png")
     stats = {
         "checkpoint": str(ckpt),
         "decoded_by_vae": decode is not None,
         "num_samples": num_samples,
+        "prompts": prompts,
         "seed": seed,
         "objective": repr(flow.objective),
         **settings.record(),

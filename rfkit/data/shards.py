@@ -23,6 +23,7 @@ import os
 from urllib.parse import urlparse
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -31,7 +32,7 @@ from rfkit.data.batches import per_rank_batch, rank_and_world
 from rfkit.data.schema import MANIFEST, Manifest
 from rfkit.data.stream import ShardInfo, ShardStream
 
-__all__ = ["LatentShards", "resolve_shards"]
+__all__ = ["LatentShards", "read_rows", "resolve_shards"]
 
 
 def _is_local(url: str) -> bool:
@@ -234,3 +235,48 @@ class LatentShards(pl.LightningDataModule):
                     f"{len(bad)} of {len(stream.shards)} {split} shards were unreadable, more than "
                     f"max_skip_fraction={self.max_skip_fraction}: {bad[:10]}"
                 )
+
+
+def read_rows(
+    shards: str | list[str], keys: list[str], first: int, n: int, manifest: str | None = None
+) -> dict[str, np.ndarray]:
+    """Rows ``first .. first + n - 1`` of ``keys``, counting samples in the shards' order, cycled.
+
+    Row ``i`` is sample ``i mod N`` of the N samples of ``shards`` (listed as :func:`resolve_shards`
+    lists them, each shard in its stored order): e.g. ``text`` (n, L, D) and ``pooled`` (n, D) of the
+    captions a teacher trained on, for ``rfkit reflow --prompts_from``. Arrays keep the shards'
+    dtype; each shard needed is read once per call. Order matters here, so a sample that fails its
+    checks is an error (naming shard and sample), not a skip.
+    """
+    from webdataset import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    infos, info = resolve_shards(shards, manifest)
+    absent = sorted(set(keys) - set(info.keys))
+    if absent:
+        raise ValueError(f"the shards {shards} hold no {absent} (their keys: {list(info.keys)})")
+    starts = np.cumsum([0] + [s.samples for s in infos])
+    total = int(starts[-1])
+    if total == 0:
+        raise ValueError(f"the shards {shards} hold no samples")
+    wanted: dict[int, list[tuple[int, int]]] = {}  # shard -> [(sample in shard, row)]
+    for row in range(n):
+        i = (first + row) % total
+        k = int(np.searchsorted(starts, i, side="right")) - 1
+        wanted.setdefault(k, []).append((i - int(starts[k]), row))
+    out: dict[str, list] = {key: [None] * n for key in keys}
+    for k, rows in wanted.items():
+        need = dict.fromkeys(j for j, _ in rows)
+        found: dict[int, dict] = {}
+        with gopen(infos[k].url) as stream:
+            for j, raw in enumerate(group_by_keys(dict(s, __url__=infos[k].url) for s in tar_file_iterator(stream))):
+                if j in need:
+                    found[j] = info.decode(raw, infos[k].name)
+                if len(found) == len(need):
+                    break
+        if len(found) < len(need):
+            raise ValueError(f"{infos[k].url} holds fewer samples than its manifest lists ({infos[k].samples})")
+        for j, row in rows:
+            for key in keys:
+                out[key][row] = found[j][key]
+    return {key: np.stack(values) for key, values in out.items()}

@@ -109,3 +109,18 @@ def weights_sha256(module: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
+
+
+def merged_weights(ckpt: str) -> dict[str, torch.Tensor]:
+    """A LoRA run's checkpoint as full weights: ``W + (alpha / r) B A`` merged into the base, under the names of
+    the model without LoRA (``transformer.<diffusers name>``); the checkpoint's EMA adapters when it kept one.
+
+    What a fully fine-tuned student of a LoRA teacher starts from (:class:`rfkit.callbacks.InitFromCheckpoint`).
+    Merging and unwrapping are diffusers' own (``fuse_lora``, ``unload_lora``).
+    """
+    from rfkit.checkpoint import load_checkpoint
+
+    transformer = load_checkpoint(ckpt, map_location="cpu").model.transformer
+    transformer.fuse_lora()
+    transformer.unload_lora()
+    return {f"transformer.{k}": v for k, v in transformer.state_dict().items()}

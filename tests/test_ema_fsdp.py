@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from scale_fixtures import child_env
 from test_scale import TINY, weights
@@ -38,6 +39,7 @@ def run(run_dir: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow  # several minutes of 2-process runs: tools/test.sh -m slow
 def test_fsdp2_ema_survives_sigkill_and_resumes_bit_identically(tmp_path):
     run(tmp_path / "uninterrupted")
     # the same run, killed after step 3 (the checkpoint of step 2 is on disk), every rank at once

@@ -366,6 +366,7 @@ MEANFLOW = ["--trainer.max_steps=3", "--model.objective=MeanFlow", "--model.obje
 MEANFLOW += ["--model.model.init_args.second_time=true", "--trainer.val_check_interval=3"]
 
 
+@pytest.mark.slow  # several minutes of 2-process runs: tools/test.sh -m slow
 def test_meanflow_under_ddp_trains_like_one_process_on_the_global_batch(tmp_path):
     # 2 gloo ranks x 32 rows against 1 process x 64: the JVP runs on the inner model (Lightning calls
     # training_step through the DDP wrapper, and the module calls self.model), so DDP's gradient
@@ -380,6 +381,7 @@ def test_meanflow_under_ddp_trains_like_one_process_on_the_global_batch(tmp_path
     assert weights(one)["model.r_embed.mlp.2.weight"].abs().max() > 0
 
 
+@pytest.mark.slow  # several minutes of 2-process runs: tools/test.sh -m slow
 def test_meanflow_under_fsdp2_trains_like_one_process_on_the_global_batch(tmp_path):
     # FSDP2 gathers each block's parameters in forward hooks; the JVP's tangents flow through the
     # gathered weights like the activations do, and the backward reduce-scatters as usual

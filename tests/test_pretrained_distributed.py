@@ -52,6 +52,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
     return root / "run", data
 
 
+@pytest.mark.slow  # several minutes of 2-process runs: tools/test.sh -m slow
 def test_lora_under_ddp(ddp_run):
     run, _ = ddp_run
     trained = adapters(run / "checkpoints/last.ckpt")
@@ -62,6 +63,7 @@ def test_lora_under_ddp(ddp_run):
             assert torch.equal(value, trained[name])
 
 
+@pytest.mark.slow  # several minutes of 2-process runs: tools/test.sh -m slow
 def test_lora_under_fsdp2_trains_like_ddp_and_resumes(ddp_run, tmp_path):
     ddp, data = ddp_run
     fit(tmp_path, data, FSDP2, 3)

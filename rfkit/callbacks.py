@@ -48,7 +48,9 @@ class SampleGrid(pl.Callback):
     """
 
     def __init__(self, num_samples: int = 64, seed: int = 0, upscale: int = 4) -> None:
-        self.num_samples, self.seed, self.upscale = num_samples, seed, upscale
+        self.num_samples = num_samples
+        self.seed = seed
+        self.upscale = upscale
 
     @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -123,7 +125,10 @@ class FlowDiagnostics(pl.Callback):
     def __init__(
         self, num_samples: int = 256, num_steps: int = 100, w2_steps: tuple[int, ...] = (1, 2, 4, 8), seed: int = 1
     ) -> None:
-        self.num_samples, self.num_steps, self.w2_steps, self.seed = num_samples, num_steps, tuple(w2_steps), seed
+        self.num_samples = num_samples
+        self.num_steps = num_steps
+        self.w2_steps = tuple(w2_steps)
+        self.seed = seed
 
     @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

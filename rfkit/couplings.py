@@ -144,10 +144,14 @@ class MinibatchOT(Coupling):
             raise ValueError(f"reg must be > 0 (eps = reg * mean cost), got {reg}")
         if max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-        self.method, self.reg, self.max_iter, self.tol = method, float(reg), int(max_iter), float(tol)
+        self.method = method
+        self.reg = float(reg)
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
         if chunk_size is not None and chunk_size < 2:
             raise ValueError(f"chunk_size must be >= 2 rows (or None for the whole batch), got {chunk_size}")
-        self.across_ranks, self.chunk_size = across_ranks, chunk_size
+        self.across_ranks = across_ranks
+        self.chunk_size = chunk_size
 
     def __call__(self, x0, x1, *, noise=None, generator=None, cond=None):
         check_pair(x0, x1)

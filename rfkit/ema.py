@@ -95,11 +95,14 @@ class EMA(pl.Callback):
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
         if update_every < 1 or start_step < 0:
             raise ValueError(f"EMA update_every must be >= 1 and start_step >= 0, got {update_every}, {start_step}")
-        self.decay, self.update_every, self.start_step = decay, update_every, start_step
+        self.decay = decay
+        self.update_every = update_every
+        self.start_step = start_step
         self.names: list[str] = []
         self.params: list[Tensor] = []  # the module's trainable parameters (FSDP2: the sharded DTensors)
         self.average: list[Tensor] | None = None  # one per parameter, shaped and placed like it
-        self.updates, self.latest_update_step = 0, 0
+        self.updates = 0
+        self.latest_update_step = 0
         self._loaded: dict[str, Tensor] = {}  # averages read from a checkpoint file before the model moved
         self._swapped = False
 

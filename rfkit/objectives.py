@@ -293,8 +293,11 @@ class MeanFlow(Objective):
             )
         if not guidance >= 0 or not 0 <= guidance_mix < 1:
             raise ValueError(f"guidance must be >= 0 and guidance_mix in [0, 1), got {guidance}, {guidance_mix}")
-        self.ratio, self.power, self.eps = ratio, power, eps
-        self.guidance, self.guidance_mix = guidance, guidance_mix
+        self.ratio = ratio
+        self.power = power
+        self.eps = eps
+        self.guidance = guidance
+        self.guidance_mix = guidance_mix
 
     def setup(self, model, *, sharded=False, activation_checkpointing=False, compile=False):
         super().setup(model, sharded=sharded)
@@ -414,7 +417,9 @@ class Shortcut(Objective):
             raise ValueError(f"levels must be an int >= 1 (finest step 2^-levels), got {levels!r}")
         if targets not in ("current", "ema"):
             raise ValueError(f"targets must be 'current' or 'ema', got {targets!r}")
-        self.fraction, self.levels, self.targets = fraction, levels, targets
+        self.fraction = fraction
+        self.levels = levels
+        self.targets = targets
         self.target_weights: Callable[[], AbstractContextManager] = contextlib.nullcontext
         """A context in which the model holds the weights the targets come from (set by :meth:`bind_ema`)."""
 

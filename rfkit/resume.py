@@ -195,7 +195,8 @@ class Resume(pl.Callback):
     """
 
     def __init__(self, auto: bool = True, save_on_sigterm: bool = True) -> None:
-        self.auto, self.save_on_sigterm = auto, save_on_sigterm
+        self.auto = auto
+        self.save_on_sigterm = save_on_sigterm
         self._trainer: pl.Trainer | None = None
         self._restore: dict[str, Any] | None = None
         self._trained: dict[str, torch.Tensor] | None = None

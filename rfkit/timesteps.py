@@ -124,7 +124,8 @@ class LogitNormal(TimestepSampler):
     def __init__(self, loc: float = 0.0, scale: float = 1.0) -> None:
         if not scale > 0:
             raise ValueError(f"scale must be > 0 (the std of logit(sigma)), got {scale}")
-        self.loc, self.scale = float(loc), float(scale)
+        self.loc = float(loc)
+        self.scale = float(scale)
 
     def __call__(self, n: int, *, device=None, generator=None) -> Tensor:
         sigma = torch.sigmoid(self.loc + self.scale * _draw(torch.randn, n, device, generator))
@@ -250,7 +251,8 @@ class Shifted(TimestepSampler):
     def __init__(self, base: TimestepSampler, shift: float = 3.0) -> None:
         if not shift > 0:
             raise ValueError(f"shift must be > 0 (SD3's alpha; 1 means no shift), got {shift}")
-        self.base, self.shift = base, float(shift)
+        self.base = base
+        self.shift = float(shift)
 
     def __call__(self, n: int, *, device=None, generator=None) -> Tensor:
         t = self.base(n, device=device, generator=generator)
@@ -309,7 +311,8 @@ class ResolutionShifted(TimestepSampler):
         base_tokens: int = 256,
         max_tokens: int = 4096,
     ) -> None:
-        self.base, self.num_tokens = base, int(num_tokens)
+        self.base = base
+        self.num_tokens = int(num_tokens)
         self._line = (base_shift, max_shift, base_tokens, max_tokens)
         self._shifted = Shifted(base, resolution_shift(self.num_tokens, *self._line))
 

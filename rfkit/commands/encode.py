@@ -128,7 +128,8 @@ class Encoders:
         pipeline: str | None = None,
         max_sequence_length: int | None = None,
     ) -> None:
-        self.device, self.max_tokens = torch.device(device), max_tokens
+        self.device = torch.device(device)
+        self.max_tokens = max_tokens
         self.vae = self.tokenizer = self.text = self.prompts = None
         self.info: dict = {"vae": None, "text_encoder": None}
         if pipeline is not None and text_encoder is not None:

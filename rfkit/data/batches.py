@@ -70,7 +70,10 @@ class Position:
     """
 
     def __init__(self) -> None:
-        self.next_epoch, self.running, self.batch, self._skip = 0, None, 0, 0
+        self.next_epoch = 0
+        self.running = None
+        self.batch = 0
+        self._skip = 0
 
     def start_pass(self, num_batches: int) -> tuple[int, int]:
         """(epoch, batches to skip) for the pass that begins now."""
@@ -129,7 +132,10 @@ class TensorBatches(IterableDataset):
         lengths = {k: len(v) for k, v in tensors.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"all tensors need the same length, got {lengths}")
-        self.tensors, self.batch_size, self.num_batches, self.seed = tensors, batch_size, num_batches, seed
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.seed = seed
         self.size = next(iter(lengths.values()))
         self.position = Position()
 

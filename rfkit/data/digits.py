@@ -74,8 +74,11 @@ class Digits(pl.LightningDataModule):
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
-        self.val_fraction, self.seed, self.global_batch_size = val_fraction, seed, global_batch_size
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.global_batch_size = global_batch_size
 
     @override
     def setup(self, stage: str | None = None) -> None:

@@ -137,11 +137,18 @@ class LatentShards(pl.LightningDataModule):
             raise ValueError(f"max_skip_fraction must lie in [0, 1], got {max_skip_fraction}")
         if batch_size < 1 or batches_per_epoch < 1 or num_workers < 0:
             raise ValueError("batch_size and batches_per_epoch must be >= 1 and num_workers >= 0")
-        self.spec, self.val_spec = shards, val_shards
-        self.batch_size, self.val_batch_size, self.global_batch_size = batch_size, val_batch_size, global_batch_size
-        self.batches_per_epoch, self.num_workers, self.shuffle_buffer = batches_per_epoch, num_workers, shuffle_buffer
-        self.manifest, self.val_manifest = manifest, val_manifest or manifest
-        self.max_skip_fraction, self.seed = max_skip_fraction, seed
+        self.spec = shards
+        self.val_spec = val_shards
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.global_batch_size = global_batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.manifest = manifest
+        self.val_manifest = val_manifest or manifest
+        self.max_skip_fraction = max_skip_fraction
+        self.seed = seed
         self.streams: dict[str, ShardStream] = {}
         self._reported_at = -1
         self._passes: list[int] | None = None  # from a checkpoint: resumed runs do not replay the same order

@@ -114,9 +114,14 @@ class ShardStream(IterableDataset):
                 f"{len(shards)} shards cannot feed {world} ranks x {self.workers} workers = {slots} readers: "
                 "every reader needs a shard of its own; write smaller shards (samples_per_shard) or use fewer workers"
             )
-        self.shards, self.manifest, self.batch_size = shards, manifest, batch_size
-        self.batches_per_epoch, self.rank, self.world = batches_per_epoch, rank, world
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.shards = shards
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.rank = rank
+        self.world = world
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
         self.slots = deal(shards, slots)
         self.extra_splits = self._even_out() if batches_per_epoch is None else [0] * self.workers
         # shared with the worker processes: unreadable-shard flags, [samples read, rejected], passes per worker

@@ -56,7 +56,8 @@ class EightGaussians(ToyDistribution):
     """
 
     def __init__(self, scale: float = 5.0, var: float = 0.1) -> None:
-        self.scale, self.var = scale, var
+        self.scale = scale
+        self.var = var
         s = 1 / math.sqrt(2)
         self.centers = torch.tensor([(1, 0), (-1, 0), (0, 1), (0, -1), (s, s), (s, -s), (-s, s), (-s, -s)]) * scale
 
@@ -103,7 +104,10 @@ class _Fresh(IterableDataset):
     """Yields ``num_batches`` whole batches ``{"latent": (B, 2)}``; each rank draws its own stream."""
 
     def __init__(self, target: ToyDistribution, batch_size: int, num_batches: int, seed: int) -> None:
-        self.target, self.batch_size, self.num_batches, self.seed = target, batch_size, num_batches, seed
+        self.target = target
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.seed = seed
         self.position = Position()
 
     def __iter__(self):
@@ -147,8 +151,11 @@ class Toy2D(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.target = target if target is not None else Moons()
-        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
-        self.val_size, self.seed, self.global_batch_size = val_size, seed, global_batch_size
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.val_size = val_size
+        self.seed = seed
+        self.global_batch_size = global_batch_size
 
     @override
     def setup(self, stage: str | None = None) -> None:

@@ -126,14 +126,20 @@ class LatentShardWriter:
         if taken:
             raise ValueError(f"manifest fields {taken} are computed by the writer; any other field name is free")
         extra = {"scaling_factor": 1.0, "shift_factor": 0.0, **extra}
-        self.out_dir, self.samples_per_shard, self.extra = Path(out_dir), samples_per_shard, extra
+        self.out_dir = Path(out_dir)
+        self.samples_per_shard = samples_per_shard
+        self.extra = extra
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.finished: dict[str, dict[str, Any]] = {}
         self.keys: tuple[str, ...] | None = None
         self.shapes: dict[str, Any] = {}
         self._resume_from(self.out_dir / MANIFEST)
         self._numbers = iter(numbers) if numbers is not None else itertools.count()
-        self.index, self._tar, self._file, self._count, self._latent_shapes = self._next(), None, None, 0, Counter()
+        self.index = self._next()
+        self._tar = None
+        self._file = None
+        self._count = 0
+        self._latent_shapes = Counter()
 
     def _next(self) -> int | None:
         """The number of the next shard, None once the given numbers are used up."""

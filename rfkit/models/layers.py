@@ -204,7 +204,8 @@ class Patches(nn.Module):
 
     def __init__(self, in_channels: int, patch_size: int, width: int) -> None:
         super().__init__()
-        self.p, self.width = patch_size, width
+        self.p = patch_size
+        self.width = width
         self.embed = nn.Linear(in_channels * patch_size**2, width)
         self._pos: dict[tuple, Tensor] = {}
 

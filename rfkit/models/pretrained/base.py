@@ -89,7 +89,8 @@ class PretrainedTransformer(VelocityModel):
                 self.transformer = cls.from_config(dict(config))
             if torch_dtype is not None:
                 self.transformer.to(torch_dtype)
-        self.path, self.lora = path, lora
+        self.path = path
+        self.lora = lora
         self.base_sha256: str | None = None
         if lora is not None:
             self.base_sha256 = weights_sha256(self.transformer)  # before the adapter renames the weights

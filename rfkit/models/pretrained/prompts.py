@@ -66,7 +66,8 @@ class PipelinePrompts:
         self.kwargs, self.text_index, self.pooled_index = classes[type(self.pipe)]
         if max_sequence_length is not None:
             self.kwargs = {**self.kwargs, "max_sequence_length": max_sequence_length}
-        self.folder, self.device = folder, torch.device(device)
+        self.folder = folder
+        self.device = torch.device(device)
         self.info = {
             "pipeline": str(folder),
             "class": type(self.pipe).__name__,

@@ -115,6 +115,15 @@ class DigitsFeatures(nn.Module):
         return model.eval().requires_grad_(False)
 
 
+def to_digits_size(images: Tensor) -> Tensor:
+    """(B, 1, H, W) -> (B, 1, 8, 8) by averaging (H/8 x W/8) blocks (H, W multiples of 8), for
+    :func:`digits_fid` on digits made at a larger size (e.g. decoded by ``rfkit/assets/digits_vae``,
+    which works on 16x16 upsamplings of the digits)."""
+    if images.shape[-2] % 8 or images.shape[-1] % 8:
+        raise ValueError(f"to_digits_size needs sides that are multiples of 8, got {tuple(images.shape[-2:])}")
+    return nn.functional.adaptive_avg_pool2d(images.float(), 8)
+
+
 def digits_fid() -> FrechetInceptionDistance:
     """torchmetrics' Frechet distance on :class:`DigitsFeatures` (an FID-like score for digits).
 

@@ -116,12 +116,33 @@ class DigitsFeatures(nn.Module):
 
 
 def to_digits_size(images: Tensor) -> Tensor:
-    """(B, 1, H, W) -> (B, 1, 8, 8) by averaging (H/8 x W/8) blocks (H, W multiples of 8), for
-    :func:`digits_fid` on digits made at a larger size (e.g. decoded by ``rfkit/assets/digits_vae``,
-    which works on 16x16 upsamplings of the digits)."""
-    if images.shape[-2] % 8 or images.shape[-1] % 8:
-        raise ValueError(f"to_digits_size needs sides that are multiples of 8, got {tuple(images.shape[-2:])}")
-    return nn.functional.adaptive_avg_pool2d(images.float(), 8)
+    """(B, 1, s, s) -> (B, 1, 8, 8): undoes how ``rfkit.data.digits`` upsampled the 8x8 digits to s x s
+    (PIL bilinear, a linear map ``U``: 64 -> s*s), by least squares, ``x = pinv(U) y``, so that
+    :func:`digits_fid` can score digits made at a larger size (e.g. decoded by ``rfkit/assets/digits_vae``,
+    which works on 16x16 upsamplings). Plain block averaging would not do: it blurs each 8x8 pixel
+    with a quarter of each neighbour, which alone scores ~23 against the real digits.
+    """
+    if images.shape[-2] != images.shape[-1]:
+        raise ValueError(f"to_digits_size needs square images, got {tuple(images.shape[-2:])}")
+    size = images.shape[-1]
+    if size == 8:
+        return images.float()
+    inverse = torch.from_numpy(_upsampling(size)).pinverse()  # (64, s*s)
+    return (images.float().flatten(1) @ inverse.T).reshape(-1, 1, 8, 8)
+
+
+def _upsampling(size: int):
+    """(size*size, 64) float32: column k is PIL's bilinear resize of the k-th 8x8 unit image."""
+    import numpy as np
+    from PIL import Image
+
+    columns = []
+    for k in range(64):
+        unit = np.zeros(64, np.float32)
+        unit[k] = 1
+        image = Image.fromarray(unit.reshape(8, 8), mode="F").resize((size, size), Image.Resampling.BILINEAR)
+        columns.append(np.asarray(image, np.float32).reshape(-1))
+    return np.stack(columns, 1)
 
 
 def digits_fid() -> FrechetInceptionDistance:

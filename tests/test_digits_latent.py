@@ -45,12 +45,19 @@ def test_shipped_vae_reconstructs_held_out_digits(vae):
     assert abs(float(((z - cfg.shift_factor) * cfg.scaling_factor).std()) - 1) < 0.15
 
 
-def test_to_digits_size_averages_blocks():
-    x = torch.randn(3, 1, 16, 16)
-    expected = x.reshape(3, 1, 8, 2, 8, 2).mean((3, 5))
-    torch.testing.assert_close(to_digits_size(x), expected)
-    with pytest.raises(ValueError, match="multiples of 8"):
-        to_digits_size(torch.zeros(1, 1, 12, 12))
+def test_to_digits_size_undoes_the_upsampling_of_the_digits():
+    """The 16x16 digits export_images writes come back to the 8x8 digits (up to uint8 rounding), and
+    to any 8x8 image upsampled the same way (PIL bilinear, float), where block averaging would blur."""
+    x8 = torch.from_numpy(digit_pixels(8)[0]).float().div(127.5).sub(1).unsqueeze(1)
+    x16 = torch.from_numpy(digit_pixels(16)[0]).float().div(127.5).sub(1).unsqueeze(1)
+    assert (to_digits_size(x16) - x8).abs().max() < 0.01
+    assert (x16.reshape(-1, 1, 8, 2, 8, 2).mean((3, 5)) - x8).abs().max() > 0.2  # why averaging is not enough
+    from PIL import Image
+
+    z = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    up = np.asarray(Image.fromarray(z, mode="F").resize((32, 32), Image.Resampling.BILINEAR))
+    torch.testing.assert_close(to_digits_size(torch.from_numpy(up.copy())[None, None]), torch.from_numpy(z)[None, None])
+    torch.testing.assert_close(to_digits_size(x8), x8)
 
 
 def test_latent_path_end_to_end(vae, tmp_path):

@@ -5,7 +5,7 @@
     python tools/digits_fid.py runs/digits_latent/fid [--vae rfkit/assets/digits_vae]
 
 Reads ``images.npy`` (decoded by the VAE the shards' manifest names) or, for pixel-space runs,
-``samples.npy``; images larger than 8x8 are averaged down to 8x8 (``rfkit.metrics.to_digits_size``),
+``samples.npy``; images larger than 8x8 are brought back to 8x8 (``rfkit.metrics.to_digits_size``),
 then scored by ``rfkit.metrics.digits_fid`` against all 1,797 digits (as tools/bench_digits.py).
 With ``--vae``, also prints the floor of the latent path: the FID of the real digits (16x16, as
 ``rfkit encode`` saw them) after encode -> decode -> 8x8, and of the up/down-sampling alone.

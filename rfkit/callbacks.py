@@ -39,7 +39,8 @@ class SampleGrid(pl.Callback):
 
     The conditioning comes from the first validation batch (class labels are sorted, so a
     class-conditional grid reads in rows); the noise is the same at every validation, so the grids
-    show progress on the same draws.
+    show progress on the same draws. When the data module has a VAE decoder (``LatentShards`` whose
+    manifest names a VAE), the grid shows the decoded images.
 
     Args:
         num_samples: samples per grid (at most the validation batch size).
@@ -63,6 +64,10 @@ class SampleGrid(pl.Callback):
         samples = pl_module.sample(x0, cond)  # every rank runs it: sharded models need all ranks
         if not trainer.is_global_zero:
             return
+        decoder = getattr(trainer.datamodule, "decoder", None)
+        decode = decoder() if callable(decoder) else None
+        if decode is not None:
+            samples = decode(samples)
         image = sample_image(samples, reference=x1 if x1.ndim == 2 else None, upscale=self.upscale)
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)

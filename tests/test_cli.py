@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from latent_fixtures import write_digits_latent_shards
 from pretrained_fixtures import SD3_LORA_TINY, write_sd3_shards
 from scale_fixtures import child_env
 from wandb_log import history
@@ -39,6 +40,7 @@ TINY = {
         "--model.sample_steps=2",
     ],
 }
+TINY["digits_latent.yaml"] = TINY["digits_text.yaml"]
 # 2-process configs: the same, with 2 blocks to shard; run as real commands that launch their ranks
 TINY["digits_ddp.yaml"] = TINY["digits_fsdp.yaml"] = [
     "--model.model.init_args.width=32",
@@ -57,6 +59,7 @@ TINY["sd3_reflow.yaml"] = [  # the tiny SD3 student on the pairs at data/sd3_ref
 TINY["digits_reflow.yaml"] = [*TINY["digits.yaml"][:2], "--data.init_args.batch_size=32", "--model.sample_steps=2"]
 DATA = {
     "digits_text.yaml": "digits_text_shards",
+    "digits_latent.yaml": "digits_latent_shards",
     "toy2d_reflow.yaml": "reflow_pairs",
     "digits_reflow.yaml": "reflow_pairs",
     "sd3_lora.yaml": "sd3_shards",
@@ -83,6 +86,12 @@ def digits_text_shards(tmp_path_factory) -> Path:
              "--max_text_tokens", "8", "--resolution", "8", "--grayscale=true", "--samples_per_shard", per_shard]
         )  # fmt: skip
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_latent_shards(tmp_path_factory) -> Path:
+    """What tools/digits_latent.sh makes, smaller: 64 + 20 digits as latents of the shipped VAE."""
+    return write_digits_latent_shards(tmp_path_factory.mktemp("digits_latent"))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,13 +41,10 @@ def load_condition(
 
 
 def vae_decoder(run_config: dict | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Model latents -> images in [-1, 1], when the run trained on shards whose manifest names a VAE.
-
-    The manifest (``dataset.json``) holds the VAE's local path and the scaling the loader applied,
-    ``z = (latent - shift) * scale``; decoding undoes it: ``vae.decode(z / scale + shift)``. None
-    when there is no VAE to use (pixel data, a missing path, diffusers not installed: with a warning).
-    """
+    """:func:`rfkit.data.shards.vae_decoder` of the run's training shards, or None (pixel data,
+    shards no longer there, no VAE in their manifest)."""
     from rfkit.data.shards import resolve_shards
+    from rfkit.data.shards import vae_decoder as manifest_decoder
 
     data = ((run_config or {}).get("config") or {}).get("data") or {}
     args = data.get("init_args") or {}
@@ -58,25 +54,7 @@ def vae_decoder(run_config: dict | None) -> Callable[[torch.Tensor], torch.Tenso
         _, info = resolve_shards(args["shards"], args.get("manifest"))
     except (OSError, ValueError):
         return None
-    vae = info.raw.get("vae")
-    if not vae:
-        return None
-    try:
-        from diffusers import AutoencoderKL
-
-        model = AutoencoderKL.from_pretrained(vae["path"], local_files_only=True).eval()
-    except (ImportError, OSError) as err:
-        warnings.warn(
-            f"the data's VAE ({vae.get('path')}) cannot be loaded ({err}); saving raw latents only", stacklevel=2
-        )
-        return None
-    scale, shift = info.scaling_factor, info.shift_factor
-
-    @torch.no_grad()
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        return model.decode(z.float().cpu() / scale + shift).sample.clamp(-1, 1)
-
-    return decode
+    return manifest_decoder(info)
 
 
 def sample(
@@ -100,7 +78,8 @@ def sample(
 
     Writes to ``out``: ``samples.png`` (an image grid, decoded by the VAE when the training data's
     manifest names one, or a scatter plot for 2-D data),
-    ``samples.npy`` (the raw latents, float32), ``noise.npy`` (the starting noise), and
+    ``samples.npy`` (the raw latents, float32), ``images.npy`` (the decoded images in [-1, 1],
+    float32, only when a VAE decoded them), ``noise.npy`` (the starting noise), and
     ``stats.json`` (settings, NFE, and the straightness and transport cost of the flow from the
     same noise, measured with ``diagnostics_steps`` Euler steps; 0 skips them).
 
@@ -159,6 +138,8 @@ def sample(
     if decode is None:
         decode = vae_decoder(flow.run_config)
     shown = decode(x1) if decode is not None else x1
+    if decode is not None:
+        np.save(out / "images.npy", shown.float().numpy())
     sample_image(shown, upscale=4 if shown.ndim == 4 and shown.shape[-1] <= 16 else 1).save(out / "samples.png")
     stats = {
         "checkpoint": str(ckpt),

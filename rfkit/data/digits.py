@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from rfkit.data.batches import BatchLoader, TensorBatches, per_rank_batch
 
-__all__ = ["Digits", "export_images"]
+__all__ = ["Digits", "digit_pixels", "export_images"]
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -26,6 +26,17 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.T
     return perm[n_val:], perm[:n_val]
 
 
+def digit_pixels(size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits as grey uint8 images (N, size, size), 0..16 -> 0..255, bilinear (PIL) from
+    8x8 when ``size`` differs, and their labels (N,): the images ``export_images`` writes."""
+    digits = load_digits()
+    pixels = (digits.images * (255 / 16)).round().astype(np.uint8)  # (N, 8, 8)
+    if size != 8:
+        resize = [Image.fromarray(p).resize((size, size), Image.Resampling.BILINEAR) for p in pixels]
+        pixels = np.stack([np.asarray(p) for p in resize])
+    return pixels, digits.target
+
+
 def export_images(
     out_dir: str | Path, size: int = 8, val_fraction: float = 0.1, seed: int = 0, limit: int | None = None
 ) -> Path:
@@ -35,16 +46,14 @@ def export_images(
     handwritten digit three") and ``00042.cls`` ("3"); ``out_dir/val/`` likewise, split as
     :class:`Digits` splits them. ``limit`` keeps the first images of each split (small tests).
     """
-    digits = load_digits()
-    pixels = (digits.images * (255 / 16)).round().astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
+    pixels, labels = digit_pixels(size)
     for name, idx in zip(("train", "val"), split(len(pixels), val_fraction, seed), strict=True):
         folder = Path(out_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in sorted(idx.tolist())[:limit]:
-            image = Image.fromarray(pixels[i]).resize((size, size), Image.Resampling.BILINEAR)
-            image.save(folder / f"{i:05d}.png")
-            (folder / f"{i:05d}.txt").write_text(f"a handwritten digit {NAMES[digits.target[i]]}")
-            (folder / f"{i:05d}.cls").write_text(str(digits.target[i]))
+            Image.fromarray(pixels[i]).save(folder / f"{i:05d}.png")
+            (folder / f"{i:05d}.txt").write_text(f"a handwritten digit {NAMES[labels[i]]}")
+            (folder / f"{i:05d}.cls").write_text(str(labels[i]))
     return Path(out_dir)
 
 

@@ -20,6 +20,8 @@ Bad data, as real pipelines produce it:
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 import lightning.pytorch as pl
@@ -32,7 +34,7 @@ from rfkit.data.batches import per_rank_batch, rank_and_world
 from rfkit.data.schema import MANIFEST, Manifest
 from rfkit.data.stream import ShardInfo, ShardStream
 
-__all__ = ["LatentShards", "read_rows", "resolve_shards"]
+__all__ = ["LatentShards", "read_rows", "resolve_shards", "vae_decoder"]
 
 
 def _is_local(url: str) -> bool:
@@ -88,6 +90,37 @@ def resolve_shards(shards: str | list[str], manifest: str | None = None) -> tupl
     if len({s.url for s in out}) != len(out):
         raise ValueError("a shard is named twice; every sample must appear once per pass")
     return out, info
+
+
+def vae_decoder(info: Manifest) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Model latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1], when the manifest names a VAE.
+
+    The manifest holds the VAE's local path (as given to ``rfkit encode --vae``) and the scaling
+    the loader applied, ``z = (latent - shift) * scale``; decoding undoes it:
+    ``vae.decode(z / scale + shift)``, on the CPU. None when there is no VAE to use (pixel data, a
+    missing path, diffusers not installed: with a warning).
+    """
+    vae = info.raw.get("vae")
+    if not vae:
+        return None
+    try:
+        from diffusers import AutoencoderKL
+
+        model = AutoencoderKL.from_pretrained(vae["path"], local_files_only=True).eval()
+    except (ImportError, OSError) as err:
+        warnings.warn(
+            f"the data's VAE ({vae.get('path')}) cannot be loaded ({err}); run from where the path holds "
+            "(rfkit encode stored it as given), or install diffusers; keeping raw latents",
+            stacklevel=2,
+        )
+        return None
+    scale, shift = info.scaling_factor, info.shift_factor
+
+    @torch.no_grad()
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return model.decode(z.float().cpu() / scale + shift).sample.clamp(-1, 1)
+
+    return decode
 
 
 class LatentShards(pl.LightningDataModule):
@@ -171,6 +204,14 @@ class LatentShards(pl.LightningDataModule):
                 raise RuntimeError("another rank could not open its shards (its error says why); stopping every rank")
         if error is not None:
             raise error
+
+    def decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The training manifest's VAE decoder (:func:`vae_decoder`, loaded once), or None without a VAE."""
+        if not hasattr(self, "_decoder"):
+            if not hasattr(self, "info"):
+                self.setup("validate")
+            self._decoder = vae_decoder(self.info)
+        return self._decoder
 
     def _loader(self, split: str, shards, info, batch_size: int, batches: int | None) -> DataLoader:
         rank, world = rank_and_world()

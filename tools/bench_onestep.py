@@ -1,6 +1,6 @@
 """The one-step league table on the 2-D toys: W2 at 1, 2 and 4 network evaluations, and the many-step floor.
 
-    python tools/bench_onestep.py            # 3 seeds x 5,000 steps; writes tools/results/bench_onestep.md
+    python tools/bench_onestep.py            # 3 seeds x 5,000 steps -> results/bench_onestep.md (not yet run)
     python tools/bench_onestep.py --quick    # 1 seed x 400 steps (minutes); writes bench_onestep_quick.md
 
 Each method is the config a user would run, fitted by a bare Lightning ``Trainer`` (logger,

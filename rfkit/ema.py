@@ -40,6 +40,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
+from typing_extensions import override
 
 __all__ = ["EMA", "PREFIX", "find_ema", "split_state_dict"]
 
@@ -180,6 +181,7 @@ class EMA(pl.Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         if isinstance(strategy, FSDPStrategy):
@@ -203,29 +205,36 @@ class EMA(pl.Callback):
             pl_module.register_load_state_dict_pre_hook(take_averages)
             pl_module._rfkit_ema_hook = True
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # global_step counts optimizer steps; under gradient accumulation this hook runs per micro-batch
         if trainer.global_step > self.latest_update_step and self.should_update(trainer.global_step - 1):
             self.update(pl_module)
             self.latest_update_step = trainer.global_step
 
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._swapped:
             self._exchange(pl_module)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._swapped:
             self._exchange(pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.on_validation_epoch_end(trainer, pl_module)  # stopped mid-validation: the trained weights back
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "latest_update_step": self.latest_update_step}
 
+    @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates, self.latest_update_step = int(state["updates"]), int(state["latest_update_step"])
 
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         average, state = self._ensure(pl_module), checkpoint["state_dict"]
         for name, p, a in zip(self.names, self.params, average, strict=True):
@@ -234,6 +243,7 @@ class EMA(pl.Callback):
             else:
                 state[PREFIX + name] = a
 
+    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         path = Path(trainer.ckpt_path) if trainer.ckpt_path is not None else None
         if path is None or not path.is_dir():  # a file: the load_state_dict hook took the averages

@@ -69,6 +69,18 @@ def child_env() -> dict[str, str]:
     with SIGKILL would leave its run open there, unlike a real preempted job, whose service dies too.)
     """
     tests = str(Path(__file__).resolve().parent)
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    # and none of the launch variables an in-process run may have set: with LOCAL_RANK inherited, the
+    # child would take its ranks to be launched by someone else and wait for a rank nobody starts
+    launch = (
+        "LOCAL_RANK",
+        "RANK",
+        "WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE" and k not in launch}
     env["PYTHONPATH"] = os.pathsep.join([tests, env.get("PYTHONPATH", "")])
     return env

@@ -93,8 +93,11 @@ def test_one_two_and_four_processes_and_accumulation_train_alike(tmp_path):
     run("digits_ddp.yaml", tmp_path / "four", *independent, "--trainer.devices=4")
     run("digits_ddp.yaml", tmp_path / "accumulate", *independent, "--trainer.accumulate_grad_batches=2", processes=1)
     reference = weights(tmp_path / "one/checkpoints/last.ckpt")
-    for layout in ("four", "accumulate"):
-        assert_same_weights(weights(tmp_path / layout / "checkpoints/last.ckpt"), reference)
+    assert_same_weights(weights(tmp_path / "four/checkpoints/last.ckpt"), reference)  # measured: 7e-11 apart
+    # accumulation sums two 32-row means where one process takes one 64-row mean: the same numbers in another
+    # rounding order, which Adam's normalisation magnifies on parameters with near-zero gradients (measured:
+    # 3e-5 after 4 steps). Different draws would put them about a learning-rate step apart.
+    assert_same_weights(weights(tmp_path / "accumulate/checkpoints/last.ckpt"), reference, atol=1e-4)
 
 
 def test_fsdp2_matches_one_process_and_its_sharded_checkpoint_resumes(tmp_path):

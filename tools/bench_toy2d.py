@@ -1,13 +1,13 @@
 """2-D quality vs torchcfm, side by side: N(0, I) -> moons and -> 8gaussians, rfkit and torchcfm.
 
-    python tools/bench_toy2d.py            # ~12 minutes on 2 CPU cores; writes tools/results/bench_toy2d.{md,png}
+    python tools/bench_toy2d.py            # ~20 minutes on 2 CPU cores; writes tools/results/bench_toy2d.{md,png}
     python tools/bench_toy2d.py --quick    # smoke run (~1 minute): 2 seeds, 150 steps, writes nothing
 
 For each target, coupling (independent, exact minibatch OT) and seed, one network is trained by
 each framework in the same run, alternating which goes first (so machine load hits both alike):
 
 - rfkit through the path users take: the module and data module that ``rfkit fit --config
-  configs/toy2d.yaml`` builds (MLP(2, 64, 3), Adam 1e-3, batch 256; ``--model.coupling=Independent``
+  configs/toy2d.yaml`` builds (MLP(2, 64, 3), Adam 1e-3, batch 256, its 5,000 steps; ``--model.coupling=Independent``
   for the independent coupling, ``--data.init_args.target=...`` for the target), fitted by a bare
   Lightning ``Trainer`` (logger, checkpoints, validation and progress bar off: the same for both).
 - torchcfm's own 2-D recipe, as its README and examples write it: x0 ~ N(0, I), x1 ~ target,
@@ -37,14 +37,13 @@ import lightning.pytorch as pl
 import matplotlib
 import matplotlib.ticker
 import torch
-from benchconfig import from_config, optimizer_recipe, recipe
-from benchstats import mean_interval
+from benchconfig import config_steps, from_config, optimizer_recipe, recipe
+from benchstats import N_EVAL, eval_draw, mean_interval, w2
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
 from torchcfm.models.models import MLP as CFMMLP
 
 from rfkit.data import EightGaussians, Moons, ToyDistribution
 from rfkit.diagnostics import flow_stats
-from rfkit.metrics import Wasserstein2
 from rfkit.models import MLP
 from rfkit.solvers import Euler, time_grid
 
@@ -55,7 +54,7 @@ OUT = Path(__file__).parent / "results"
 TARGETS = {"moons": Moons, "8gaussians": EightGaussians}
 COUPLINGS = ("independent", "exact OT")
 STEPS = (1, 2, 4, 8, 20, 100)  # Euler steps at which W2 is measured
-N_EVAL, BATCH = 2000, 256
+BATCH = 256
 
 
 def toy2d_config(target: ToyDistribution, coupling: str, steps: int, seed: int) -> tuple:
@@ -172,18 +171,10 @@ def same_recipe(seed: int) -> str | None:
 # ---------------------------------------------------------------------------- evaluation
 
 
-def w2(x: torch.Tensor, real: torch.Tensor) -> float:
-    metric = Wasserstein2()
-    metric.update(x, real=False)
-    metric.update(real, real=True)
-    return float(metric.compute())
-
-
 @torch.no_grad()
 def evaluate(v, target: ToyDistribution, seed: int) -> dict:
-    """W2 after each Euler step count, straightness S and transport cost C, from fixed noise."""
-    x0 = torch.randn(N_EVAL, 2, generator=torch.Generator().manual_seed(10_000 + seed))
-    real = target(N_EVAL, torch.Generator().manual_seed(20_000 + seed))
+    """W2 after each Euler step count, straightness S and transport cost C, on evaluation draw ``seed``."""
+    x0, real = eval_draw(target, seed)
     out = {f"w2@{k}": w2(Euler()(v, x0, time_grid(k)), real) for k in STEPS}
     stats = flow_stats(v, x0, num_steps=100)
     return out | {"straightness": stats.straightness, "cost": stats.transport_cost}
@@ -292,7 +283,9 @@ def plot(results: dict, floor: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000, help="training steps per run (batch 256)")
+    parser.add_argument(
+        "--steps", type=int, default=config_steps("toy2d.yaml"), help="training steps per run (default: the config's)"
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docstring)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 150 steps")

@@ -12,18 +12,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
+import yaml
+from lightning.pytorch import Callback, LightningDataModule
 
+from rfkit.callbacks import InitFromCheckpoint
 from rfkit.cli import RFKitCLI
+from rfkit.ema import EMA
 from rfkit.module import RectifiedFlow
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAINING_CALLBACKS = (InitFromCheckpoint, EMA)
 
 
 def from_config(config: str, *overrides: str) -> tuple[RectifiedFlow, LightningDataModule]:
     """(module, data module) of ``configs/<config>`` with command-line ``overrides``; seeds as the CLI does."""
+    return build_run(config, *overrides)[:2]
+
+
+def build_run(config: str, *overrides: str) -> tuple[RectifiedFlow, LightningDataModule, list[Callback]]:
+    """``from_config`` plus the config's callbacks that change what is trained (``TRAINING_CALLBACKS``:
+    initialisation from a checkpoint, the EMA), to hand to a bare ``Trainer``; the logging and plotting
+    ones stay out of a timed run. Relative paths in the config resolve against the working directory."""
     cli = RFKitCLI(args=[f"--config={CONFIGS / config}", "--trainer.logger=false", *overrides], run=False)
-    return cli.model, cli.datamodule
+    return cli.model, cli.datamodule, [c for c in cli.trainer.callbacks if isinstance(c, TRAINING_CALLBACKS)]
+
+
+def config_steps(config: str) -> int:
+    """``trainer.max_steps`` of ``configs/<config>``: a benchmark trains as long as ``rfkit fit`` would."""
+    return yaml.safe_load((CONFIGS / config).read_text())["trainer"]["max_steps"]
 
 
 def _plugin(obj) -> tuple:

@@ -13,7 +13,8 @@ Everything runs through the `rfkit` command a user types, in tools/results/demo_
   2-RF (`rfkit reflow` on the 1-RF model, then configs/toy2d_reflow.yaml, initialised from it):
   the commands of the configs' comments, in one folder per target.
   W2 (exact, 2,000 samples vs 2,000 fresh data points) after 1, 2, 4, 8 and 100 Euler steps;
-  straightness and transport cost of the flow from 2,000 noise draws (100 Euler steps).
+  straightness and transport cost of the flow from 2,000 noise draws (100 Euler steps); each the
+  mean over the 5 evaluation draws of tools/benchstats.py, which tools/bench_toy2d.py also uses.
 - Digits: configs/digits.yaml (1-RF, the teacher) and configs/digits_reflow.yaml (2-RF on 20,000
   teacher pairs); the FID-like score (rfkit.metrics.digits_fid) of 1,000 samples (100 per class)
   against the 1,797 real digits, after 1, 4 and 16 Euler steps.
@@ -23,16 +24,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from benchstats import EVAL_DRAWS, eval_draw, w2
 
 import rfkit
 from rfkit.data import Digits, EightGaussians, Moons
 from rfkit.diagnostics import flow_stats
-from rfkit.metrics import Wasserstein2, digits_fid
+from rfkit.metrics import digits_fid
 from rfkit.sampling import guided_velocity
 from rfkit.solvers import Euler
 
@@ -61,22 +64,25 @@ def toy(work: Path, target: str, steps: int, pairs: int) -> list[dict]:
     reflow = ["reflow", "--ckpt=runs/toy2d_1rf/checkpoints/last.ckpt", "--out=data/toy2d_reflow", "--num_steps=100"]
     rfkit_cmd(*reflow, f"--num_pairs={pairs}", "--num_val_pairs=2000", "--samples_per_shard=10000", cwd=work)
     rfkit_cmd("fit", f"--config={reflow_config}", *every, cwd=work)
-    data_points = (Moons() if target == "Moons" else EightGaussians())(2000, torch.Generator().manual_seed(99))
-    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
-    rows = []
+    distribution = Moons() if target == "Moons" else EightGaussians()
     runs = {"1-RF (independent)": "runs/toy2d_1rf", "minibatch OT": "runs/toy2d", "2-RF (reflow)": "runs/toy2d_2rf"}
+    rows = []
     for method, run in runs.items():
         flow = rfkit.load_checkpoint(work / run / "checkpoints/last.ckpt")
-        row = {"data": work.name, "method": method}
-        for k in STEPS_2D:
-            w2 = Wasserstein2()
-            w2.update(data_points, real=True)
-            w2.update(flow.sample(x0, {}, num_steps=k, solver=Euler()), real=False)
-            row[f"W2@{k}"] = float(w2.compute())
-        stats = flow_stats(guided_velocity(flow.model, {}), x0, 100)
-        row["straightness"], row["transport cost"] = stats.straightness, stats.transport_cost
-        rows.append(row)
+        rows.append({"data": work.name, "method": method} | score_2d(flow, distribution))
     return rows
+
+
+def score_2d(flow, target) -> dict:
+    """W2 after each Euler step count in STEPS_2D, straightness and transport cost (100 Euler steps),
+    each the mean over benchstats' EVAL_DRAWS evaluation draws (one draw alone is too noisy to rank by)."""
+    scores = []
+    for draw in range(EVAL_DRAWS):
+        x0, data = eval_draw(target, draw)
+        row = {f"W2@{k}": w2(flow.sample(x0, {}, num_steps=k, solver=Euler()), data) for k in STEPS_2D}
+        stats = flow_stats(guided_velocity(flow.model, {}), x0, 100)
+        scores.append(row | {"straightness": stats.straightness, "transport cost": stats.transport_cost})
+    return {key: statistics.mean(score[key] for score in scores) for key in scores[0]}
 
 
 def digits(work: Path, steps: int, pairs: int) -> list[dict]:
@@ -88,25 +94,30 @@ def digits(work: Path, steps: int, pairs: int) -> list[dict]:
         *reflow, f"--num_pairs={pairs}", "--num_val_pairs=500", "--num_steps=32", "--samples_per_shard=5000", cwd=work
     )
     rfkit_cmd("fit", f"--config={ROOT / 'configs/digits_reflow.yaml'}", f"--trainer.max_steps={steps}", cwd=work)
+    rows = []
+    for method, run in (("1-RF (teacher)", "runs/digits"), ("2-RF (reflow)", "runs/digits_2rf")):
+        flow = rfkit.load_checkpoint(work / run / "checkpoints/last.ckpt")
+        rows.append({"data": "digits", "method": method} | score_digits(flow))
+    return rows
+
+
+def score_digits(flow, steps=STEPS_DIGITS) -> dict:
+    """The digits score (rfkit.metrics.digits_fid, 1,000 samples: 100 per class, fixed noise, against
+    all 1,797 digits) after each number of network evaluations in ``steps``, of the objective's own
+    sampler (Euler steps for flow matching), and the straightness of the guided velocity field."""
     real = Digits(val_fraction=0.1)
     real.setup()
     images = torch.cat([real.train_set["latent"], real.val_set["latent"]])
     labels = torch.arange(1000) % 10
     x0 = torch.randn(1000, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-    rows = []
-    for method, run in (("1-RF (teacher)", "runs/digits"), ("2-RF (reflow)", "runs/digits_2rf")):
-        flow = rfkit.load_checkpoint(work / run / "checkpoints/last.ckpt")
-        row = {"data": "digits", "method": method, "cfg": flow.cfg_scale}
-        for k in STEPS_DIGITS:
-            fid = digits_fid()
-            fid.update(images, real=True)
-            fid.update(flow.sample(x0, {"cls": labels}, num_steps=k, solver=Euler()), real=False)
-            row[f"FID@{k}"] = float(fid.compute())
-        row["straightness"] = flow_stats(
-            guided_velocity(flow.model, {"cls": labels}, flow.cfg_scale), x0, 100
-        ).straightness
-        rows.append(row)
-    return rows
+    row = {"cfg": flow.cfg_scale}
+    for k in steps:
+        fid = digits_fid()
+        fid.update(images, real=True)
+        fid.update(flow.sample(x0, {"cls": labels}, num_steps=k, solver=Euler()), real=False)
+        row[f"FID@{k}"] = float(fid.compute())
+    row["straightness"] = flow_stats(guided_velocity(flow.model, {"cls": labels}, flow.cfg_scale), x0, 100).straightness
+    return row
 
 
 def table(rows: list[dict]) -> str:

@@ -26,7 +26,8 @@ gives each method's 1-NFE W2 minus OT's with a 95 % Student-t interval over seed
 Digits (``--digits``). Everything runs through the ``rfkit`` command, in
 tools/results/bench_onestep/digits/seed<N>/: ``configs/digits.yaml`` (1-RF, the teacher), ``rfkit
 reflow`` (20,000 pairs, Heun 32 steps, CFG 2) and ``configs/digits_reflow.yaml`` (2-RF), then
-``configs/digits_meanflow.yaml`` and ``configs/digits_shortcut.yaml``. Scored as tools/demo_reflow.py
+``configs/digits_meanflow.yaml`` and ``configs/digits_shortcut.yaml``, and MeanFlow again for 4,000
+steps (2-RF's step count; it continues the 2,000-step run, see ``continue_shorter``). Scored as tools/demo_reflow.py
 scores digits (``score_digits``: 1,000 samples from fixed noise, 100 per class). A rerun resumes:
 finished runs are scored, not retrained. Seconds are each run's W&B ``_runtime`` (the pairs: timed here).
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -205,43 +207,56 @@ def main_2d(steps: int, seeds: int, quick: bool) -> None:
 
 # ---------------------------------------------------------------------------- digits
 
-DIGITS = {  # method -> (config, its run folder); 2-RF's teacher and pairs come first
-    "1-RF": ("digits.yaml", "runs/digits"),
-    "2-RF": ("digits_reflow.yaml", "runs/digits_2rf"),
-    "MeanFlow": ("digits_meanflow.yaml", "runs/digits_meanflow"),
-    "Shortcut": ("digits_shortcut.yaml", "runs/digits_shortcut"),
+DIGITS = {  # method -> (config, run folder, steps); 2-RF's teacher and pairs come first
+    "1-RF": ("digits.yaml", "runs/digits", 2000),
+    "2-RF": ("digits_reflow.yaml", "runs/digits_2rf", 2000),
+    "MeanFlow": ("digits_meanflow.yaml", "runs/digits_meanflow", 2000),
+    "Shortcut": ("digits_shortcut.yaml", "runs/digits_shortcut", 2000),
+    "MeanFlow, 4000 steps": ("digits_meanflow.yaml", "runs/digits_meanflow_4000", 4000),
 }
 PAIRS_DIGITS = ["--num_pairs=20000", "--num_val_pairs=500", "--num_steps=32", "--samples_per_shard=5000"]
 STEPS_DIGITS = (1, 2, 4, 16)
 
 
 def runtime(run: Path) -> float:
-    """Seconds a finished ``rfkit fit`` ran, from its W&B summary (every run of the table is timed alike)."""
+    """Seconds an ``rfkit fit`` ran, from its W&B summaries (every run of the table is timed alike)."""
     summaries = sorted(run.glob("wandb/offline-run-*/files/wandb-summary.json"))
-    return sum(json.loads(s.read_text())["_runtime"] for s in summaries)
+    return sum(json.loads(s.read_text()).get("_runtime", 0.0) for s in summaries)
+
+
+def continue_shorter(work: Path, config: str, run: str, steps: int) -> None:
+    """Start a longer run of a config as a copy of a finished shorter one, which ``rfkit fit`` resumes:
+    rfkit's resume is exact (weights, optimizer, EMA, RNG and draws), so this trains what a run from
+    scratch would, without repeating the shorter run's steps."""
+    shorter = [
+        (r, n) for c, r, n in DIGITS.values() if c == config and n < steps and (work / r / "checkpoints").exists()
+    ]
+    if shorter and not (work / run).exists():
+        shutil.copytree(work / max(shorter, key=lambda rn: rn[1])[0], work / run)
 
 
 def run_digits(seed: int) -> list[dict]:
     work = WORK / "digits" / f"seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    seeds = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
-    config = str(Path(__file__).resolve().parents[1] / "configs")
+    configs = Path(__file__).resolve().parents[1] / "configs"
     pairs_time = work / "data/digits_reflow/seconds.txt"
-    for method, (name, _) in DIGITS.items():
+    for method, (config, run, steps) in DIGITS.items():
         if method == "2-RF" and not pairs_time.exists():
             start = time.perf_counter()
             reflow = ["reflow", "--ckpt=runs/digits/checkpoints/last.ckpt", "--out=data/digits_reflow"]
             rfkit_cmd(*reflow, "--solver=Heun", f"--seed={seed}", *PAIRS_DIGITS, cwd=work)
             pairs_time.write_text(f"{time.perf_counter() - start:.1f}\n")
-        rfkit_cmd("fit", f"--config={config}/{name}", *seeds, cwd=work)  # resumes (a no-op) when finished
+        continue_shorter(work, config, run, steps)
+        args = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}", f"--trainer.max_steps={steps}"]
+        rfkit_cmd("fit", f"--config={configs / config}", *args, f"--trainer.default_root_dir={run}", cwd=work)
     rows = []
-    for method, (name, run) in DIGITS.items():
+    for method, (_, run, steps) in DIGITS.items():
         flow = rfkit.load_checkpoint(work / run / "checkpoints/last.ckpt")
         seconds = runtime(work / run)
-        steps = config_steps(name)
         if method == "2-RF":
-            seconds += runtime(work / DIGITS["1-RF"][1]) + float(pairs_time.read_text())
-            steps += config_steps(DIGITS["1-RF"][0])
+            teacher = DIGITS["1-RF"]
+            seconds += runtime(work / teacher[1]) + float(pairs_time.read_text())
+            steps += teacher[2]
         row = {"method": method, "seed": seed, "steps": steps, "seconds": seconds, "nfe/step": flow.nfe(1)}
         rows.append(row | score_digits(flow, STEPS_DIGITS))
         print(rows[-1], flush=True)

@@ -3,7 +3,7 @@ evaluations and at the many-step floor, each trained by the config a user runs.
 
     python tools/bench_onestep.py           # 2-D, 3 seeds x the configs' 5,000 steps: results/bench_onestep.{md,png}
     python tools/bench_onestep.py --quick   # 2-D, 1 seed x 400 steps (minutes): results/bench_onestep_quick.md
-    python tools/bench_onestep.py --digits  # digits, 1 seed of the digits configs: results/bench_onestep_digits.md
+    python tools/bench_onestep.py --digits  # digits, 1 seed of the digits configs: results/bench_onestep_digits.*
 
 2-D (moons, 8gaussians). Each method is the config a user would run, fitted by a bare Lightning
 ``Trainer`` (logger, checkpoints, validation off; the config's initialisation and EMA callbacks on,
@@ -286,6 +286,18 @@ def report_digits(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_digits(rows: list[dict], path: Path) -> None:
+    """Digits FID against steps (or jumps) of each method's sampler, one line per method and seed."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for row in rows:
+        label = row["method"] + (f" (seed {row['seed']})" if row["seed"] else "")
+        ax.plot(STEPS_DIGITS, [row[f"FID@{k}"] for k in STEPS_DIGITS], marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="sampler steps (jumps)", ylabel="digits FID (log scale)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2-D: 1 seed x 400 steps")
@@ -298,6 +310,7 @@ def main() -> None:
         rows = [row for seed in range(args.seeds or 1) for row in run_digits(seed)]
         text = report_digits(rows)
         (OUT / "bench_onestep_digits.md").write_text(text)
+        plot_digits(rows, OUT / "bench_onestep_digits.png")
         print(text)
         return
     steps = args.steps or (400 if args.quick else config_steps("toy2d.yaml"))

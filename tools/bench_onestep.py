@@ -16,6 +16,8 @@ evaluations and at the many-step floor, each trained by the config a user runs.
   budget is the teacher's, the pairs' and its own: steps and seconds count all three.
 - MeanFlow: ``configs/toy2d_meanflow.yaml`` (one JVP per step: about twice a step's compute).
 - Shortcut: ``configs/toy2d_shortcut.yaml`` (a no-grad target pass on a quarter of the rows).
+- MeanFlow + OT: ``configs/toy2d_meanflow.yaml --model.coupling=MinibatchOT --model.coupling.method=exact``:
+  the two compose; MeanFlow then learns the average velocity of the straighter OT flow.
 
 Samples come from each objective's own sampler (``RectifiedFlow.sample``): K Euler steps of the
 velocity for flow matching, K jumps for MeanFlow and Shortcut, K network evaluations either way; the
@@ -64,6 +66,7 @@ METHODS = {  # method -> (config, overrides); 2-RF also needs its teacher (see t
     "2-RF": ("toy2d_reflow.yaml", []),
     "MeanFlow": ("toy2d_meanflow.yaml", []),
     "Shortcut": ("toy2d_shortcut.yaml", []),
+    "MeanFlow + OT": ("toy2d_meanflow.yaml", ["--model.coupling=MinibatchOT", "--model.coupling.method=exact"]),
 }
 NFE = (1, 2, 4, 100)
 PAIRS_2D = ["--num_pairs=50000", "--num_val_pairs=2000", "--num_steps=100", "--samples_per_shard=10000"]

@@ -31,13 +31,12 @@ reflow`` (20,000 pairs, Heun 32 steps, CFG 2) and ``configs/digits_reflow.yaml``
 ``configs/digits_meanflow.yaml`` and ``configs/digits_shortcut.yaml``, and MeanFlow again for 4,000
 steps (2-RF's step count; it continues the 2,000-step run, see ``continue_shorter``). Scored as tools/demo_reflow.py
 scores digits (``score_digits``: 1,000 samples from fixed noise, 100 per class). A rerun resumes:
-finished runs are scored, not retrained. Seconds are each run's W&B ``_runtime`` (the pairs: timed here).
+finished runs are scored, not retrained. Seconds: each command's wall time, measured here.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -223,26 +222,37 @@ STEPS_DIGITS = (1, 2, 4, 16)
 
 
 def runtime(run: Path) -> float:
-    """Seconds an ``rfkit fit`` ran, from its W&B summaries (every run of the table is timed alike)."""
-    summaries = sorted(run.glob("wandb/offline-run-*/files/wandb-summary.json"))
-    return sum(json.loads(s.read_text()).get("_runtime", 0.0) for s in summaries)
+    """Seconds of ``rfkit fit`` behind a run folder: its own command's and, for a continued run, the
+    shorter run's it started from (``seconds.txt``, ``continued_seconds.txt``; see ``fit_timed``)."""
+    return sum(float(p.read_text()) for p in run.glob("*seconds.txt"))
+
+
+def fit_timed(work: Path, config: str, run: str, args: list[str]) -> None:
+    """``rfkit fit`` of one table entry, timed end to end (start-up and validation included, alike for
+    all); a run already timed is finished and left alone."""
+    if (work / run / "seconds.txt").exists():
+        return
+    start = time.perf_counter()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    rfkit_cmd("fit", f"--config={configs / config}", *args, f"--trainer.default_root_dir={run}", cwd=work)
+    (work / run / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
 
 
 def continue_shorter(work: Path, config: str, run: str, steps: int) -> None:
     """Start a longer run of a config as a copy of a finished shorter one, which ``rfkit fit`` resumes:
     rfkit's resume is exact (weights, optimizer, EMA, RNG and draws), so this trains what a run from
-    scratch would, without repeating the shorter run's steps."""
+    scratch would, without repeating the shorter run's steps; their seconds are carried over."""
     shorter = [
-        (r, n) for c, r, n in DIGITS.values() if c == config and n < steps and (work / r / "checkpoints").exists()
+        (r, n) for c, r, n in DIGITS.values() if c == config and n < steps and (work / r / "seconds.txt").exists()
     ]
     if shorter and not (work / run).exists():
         shutil.copytree(work / max(shorter, key=lambda rn: rn[1])[0], work / run)
+        (work / run / "seconds.txt").rename(work / run / "continued_seconds.txt")
 
 
 def run_digits(seed: int) -> list[dict]:
     work = WORK / "digits" / f"seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    configs = Path(__file__).resolve().parents[1] / "configs"
     pairs_time = work / "data/digits_reflow/seconds.txt"
     for method, (config, run, steps) in DIGITS.items():
         if method == "2-RF" and not pairs_time.exists():
@@ -252,7 +262,7 @@ def run_digits(seed: int) -> list[dict]:
             pairs_time.write_text(f"{time.perf_counter() - start:.1f}\n")
         continue_shorter(work, config, run, steps)
         args = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}", f"--trainer.max_steps={steps}"]
-        rfkit_cmd("fit", f"--config={configs / config}", *args, f"--trainer.default_root_dir={run}", cwd=work)
+        fit_timed(work, config, run, args)
     rows = []
     for method, (_, run, steps) in DIGITS.items():
         flow = rfkit.load_checkpoint(work / run / "checkpoints/last.ckpt")

@@ -5,6 +5,7 @@ trains r_embed with the adapters, a flow-matching checkpoint starts such a model
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ from rfkit.cli import RFKitCLI, main
 from rfkit.draws import RowDraws
 from rfkit.models.pretrained import FluxTransformer, LoRA, SD3Transformer
 from rfkit.module import RectifiedFlow
-from rfkit.objectives import MeanFlow
+from rfkit.objectives import MeanFlow, Shortcut
 
 B = 3
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sd3_lora.yaml"
@@ -69,6 +70,10 @@ def test_second_time_starts_as_the_diffusers_model_for_every_r(make):
     assert (second(x, t, cond, r) - v).abs().max() > 1e-3
     torch.testing.assert_close(second(x, t, cond), second(x, t, cond, torch.zeros(B)), rtol=0, atol=0)
     assert second._r is None  # the call's r is cleared after it
+    # a copy (what an EMA or a deepcopy'd module holds) hooks its own r_embed, not the original's
+    twin = copy.deepcopy(second)
+    move_r_embed(twin, seed=4)
+    assert (twin(x, t, cond, r) - second(x, t, cond, r)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("make", [sd3, flux], ids=["sd3", "flux"])
@@ -112,10 +117,13 @@ def base_adapters_r(model) -> tuple[dict, dict, dict]:
     return base, adapters, {n: p.detach().clone() for n, p in model.r_embed.named_parameters()}
 
 
-def test_meanflow_under_lora_trains_r_embed_and_adapters_only():
+@pytest.mark.parametrize(
+    "objective", [MeanFlow(ratio=1.0), Shortcut(fraction=1.0, levels=3)], ids=["meanflow", "shortcut"]
+)  # every row an interval h > 0, or a consistency target
+def test_lora_trains_r_embed_and_adapters_only(objective):
     torch.manual_seed(0)
     model = sd3(lora=LoRA(), second_time=True)
-    flow = RectifiedFlow(model, objective=MeanFlow(ratio=1.0))  # every row a jump: h > 0
+    flow = RectifiedFlow(model, objective=objective)
     optimizer = flow.configure_optimizers()
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trainable = {n for n, p in model.named_parameters() if id(p) in in_optimizer}
@@ -144,6 +152,24 @@ def test_meanflow_under_lora_trains_r_embed_and_adapters_only():
     with torch.no_grad():
         r = torch.rand(B)
         assert torch.equal(rebuilt(x, t, cond, r), model(x, t, cond, r))
+
+
+def test_bf16_base_keeps_a_float32_r_embed():
+    """configs/sd3_lora.yaml loads the base in bf16: r_embed, trainable, stays float32 like the adapters (an update
+    lr * grad vanishes in bf16), and its output joins temb in temb's dtype, with and without bf16 autocast."""
+    model = sd3(lora=LoRA(), second_time=True, dtype="bfloat16")
+    move_r_embed(model)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.r_embed.parameters())
+    x, t, cond = inputs(8)
+    r = torch.rand(B)
+    v = model(x, t, cond, r)  # temb bf16 + r_embed float32 -> bf16, or the blocks' bf16 weights would refuse it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v_mixed = model(x, t, cond, r)
+    assert v.dtype == v_mixed.dtype == torch.float32  # shaped and typed like x
+    with torch.no_grad():
+        assert (v - model(x, t, cond)).abs().max() > 1e-2  # r still matters in bf16
+    v_mixed.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.r_embed.parameters())
 
 
 def fit(run_dir: Path, data: Path, steps: int, *extra: str) -> RFKitCLI:

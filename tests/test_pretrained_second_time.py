@@ -207,6 +207,13 @@ def test_meanflow_lora_fit_from_a_flow_matching_checkpoint_samples_resumes_and_r
         assert (v - sd3()(x, t, cond)).abs().max() > 1e-5  # the teacher's adapters moved: the check means something
         for r in (None, torch.rand(B)):
             assert torch.equal(student(x, t, cond, r), v)
+    # a fully fine-tuned second-time student starts from the adapters merged into the base, r_embed at zero
+    full = sd3(second_time=True)
+    InitFromCheckpoint(str(fm_ckpt)).on_fit_start(
+        SimpleNamespace(ckpt_path=None, global_step=0), SimpleNamespace(model=full)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(full(x, t, cond, torch.rand(B)), v, rtol=1e-5, atol=1e-5)  # merging rounds
 
     # MeanFlow through rfkit fit, started from the flow-matching checkpoint, with an EMA
     ema = ["--trainer.callbacks+=rfkit.ema.EMA", "--trainer.callbacks.decay=0.5"]

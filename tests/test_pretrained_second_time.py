@@ -118,11 +118,13 @@ def base_adapters_r(model) -> tuple[dict, dict, dict]:
 
 
 @pytest.mark.parametrize(
-    "objective", [MeanFlow(ratio=1.0), Shortcut(fraction=1.0, levels=3)], ids=["meanflow", "shortcut"]
+    ("make", "objective"),
+    [(sd3, MeanFlow(ratio=1.0)), (sd3, Shortcut(fraction=1.0, levels=3)), (flux, MeanFlow(ratio=1.0))],
+    ids=["sd3-meanflow", "sd3-shortcut", "flux-meanflow"],
 )  # every row an interval h > 0, or a consistency target
-def test_lora_trains_r_embed_and_adapters_only(objective):
+def test_lora_trains_r_embed_and_adapters_only(make, objective):
     torch.manual_seed(0)
-    model = sd3(lora=LoRA(), second_time=True)
+    model = make(lora=LoRA(), second_time=True)
     flow = RectifiedFlow(model, objective=objective)
     optimizer = flow.configure_optimizers()
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -147,7 +149,7 @@ def test_lora_trains_r_embed_and_adapters_only(objective):
     # the state dict (checkpoints, EMA) holds the adapters and r_embed, not the base; it loads back exactly
     state = model.state_dict()
     assert {k for k in state if "lora_" not in k} == {"base_sha256_bytes", *(f"r_embed.{k}" for k in r0)}
-    rebuilt = sd3(lora=LoRA(), second_time=True)
+    rebuilt = make(lora=LoRA(), second_time=True)
     rebuilt.load_state_dict(state)
     with torch.no_grad():
         r = torch.rand(B)

@@ -52,7 +52,7 @@ class PretrainedTransformer(VelocityModel):
         dtype: load the weights in this dtype ("bfloat16", "float16"; None: float32).
         seed: seed of the random weights of a ``config``-built model.
         second_time: accept a second time ``r`` (B,) (MeanFlow's ``h = r - t``, the shortcut's step
-            size d): ``r_embed(r)`` (D,) is added to the transformer's conditioning vector ``temb`` (B, D)
+            size d): ``r_embed(r)`` (B, D) is added to the transformer's conditioning vector ``temb`` (B, D)
             (the output of ``transformer.time_text_embed``, which feeds every block's AdaLN; D =
             heads x head dim), so ``temb = embed(t) + embed(text) + r_embed(r)``. ``r_embed`` is
             :func:`rfkit.models.layers.second_time_embedder`, zero at init: the model is the diffusers
@@ -117,7 +117,7 @@ class PretrainedTransformer(VelocityModel):
         self.latent_shape = self._latent_shape(latent_size)
         self.second_time = second_time
         self.r_embed = None
-        self._r: Tensor | None = None  # the r of the transformer call under way (see _second_time)
+        self._r: Tensor | None = None  # the r of the transformer call under way (see _call)
         if second_time:
             c = self.transformer.config
             self.r_embed = second_time_embedder(c.num_attention_heads * c.attention_head_dim)

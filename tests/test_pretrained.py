@@ -135,7 +135,7 @@ def test_conditioning_null_tokens_and_second_time():
     assert torch.equal(null["text"][1], cond["text"][1]) and torch.equal(null["pooled"][1], cond["pooled"][1])
     assert model.num_tokens((4, 32, 48)) == 32 * 48  # patch size 1
     assert fl.num_tokens((4, 32, 48)) == 16 * 24  # 2x2 packing
-    with pytest.raises(ValueError, match="takes no second time r"):
+    with pytest.raises(ValueError, match="built without one: construct it with second_time=True"):
         model(x, torch.rand(B), cond, r=torch.rand(B))
     with pytest.raises(ValueError, match=r"lacks \['pooled'\]"):
         model(x, torch.rand(B), {"text": cond["text"]})

@@ -25,12 +25,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sd3_lora.yaml"
 FSDP2 = json.dumps({"class_path": "rfkit.strategies.FSDP2"})
 
 
-def fit(run_dir: Path, data: Path, strategy: str, steps: int) -> None:
+def fit(run_dir: Path, data: Path, strategy: str, steps: int, *extra: str) -> None:
     """`rfkit fit --config configs/sd3_lora.yaml` on the tiny SD3, 2 processes, as a real command."""
     args = ["fit", f"--config={CONFIG}", f"--trainer.default_root_dir={run_dir}", f"--trainer.max_steps={steps}",
             "--trainer.limit_val_batches=0", "--model.lr_scheduler=null", "--trainer.devices=2",
             "--trainer.accelerator=cpu", f"--trainer.strategy={strategy}", "--trainer.enable_progress_bar=false",
-            *(a.format(data=data) for a in SD3_LORA_TINY)]  # fmt: skip
+            *(a.format(data=data) for a in SD3_LORA_TINY), *extra]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "rfkit.cli", *args], env=child_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -76,3 +76,20 @@ def test_lora_under_fsdp2_trains_like_ddp_and_resumes(ddp_run, tmp_path):
     fit(tmp_path, data, FSDP2, 4)  # the same command, one step longer: resumes from the sharded checkpoint
     assert read_checkpoint(ckpt)["global_step"] == 4
     assert any(not torch.equal(v, sharded[k]) for k, v in adapters(ckpt).items())
+
+
+@pytest.mark.slow  # two 2-process runs, ~45 s: tools/test.sh -m slow
+def test_meanflow_with_a_second_time_under_fsdp2_trains_like_ddp(ddp_run, tmp_path):
+    """MeanFlow's JVP through the FSDP2-sharded SD3 (blocks gathered in forward hooks) with r_embed on the root."""
+    _, data = ddp_run
+    meanflow = ("--model.objective=MeanFlow", "--model.objective.ratio=1.0", "--model.activation_checkpointing=false",
+                "--model.model.init_args.second_time=true")  # fmt: skip
+    fit(tmp_path / "ddp", data, "ddp", 2, *meanflow)
+    fit(tmp_path / "fsdp", data, FSDP2, 2, *meanflow)
+    sharded = read_checkpoint(tmp_path / "fsdp/checkpoints/last.ckpt")["state_dict"]
+    replicated = read_checkpoint(tmp_path / "ddp/checkpoints/last.ckpt")["state_dict"]
+    assert sharded.keys() == replicated.keys()
+    assert sum(k.startswith("model.r_embed.") for k in sharded) == 4
+    assert sharded["model.r_embed.mlp.2.weight"].abs().sum() > 0  # trained from its zero init
+    for k in sharded:
+        torch.testing.assert_close(sharded[k], replicated[k], rtol=0, atol=1e-5, msg=k)

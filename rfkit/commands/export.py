@@ -8,6 +8,7 @@
   ``pipe.load_lora_weights(out)`` or ``pipe.transformer.load_lora_adapter(out, prefix="transformer")``.
 
 Both write ``rfkit_export.json`` beside: the checkpoint, the base model and which weights went out.
+A model with a second time (MeanFlow, shortcut) is refused: diffusers has no place for its ``r_embed``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def export(ckpt: Path, out: Path, ema: bool = True) -> dict:
         raise ValueError(
             f"{ckpt} holds a {type(model).__name__}, not a diffusers transformer (rfkit.models.pretrained): "
             "rfkit export writes SD3Transformer / FluxTransformer checkpoints; use rfkit sample for this one"
+        )
+    if model.second_time:
+        raise ValueError(
+            f"{ckpt} holds a {type(model).__name__} with a second time (second_time: true, a MeanFlow / shortcut "
+            "run): its r_embed adds to the transformer's time embedding, and a diffusers transformer or LoRA file "
+            "has no place for it (a pipeline would call it without r, a different model); sample it with "
+            "`rfkit sample --ckpt` or load it in Python with rfkit.load_checkpoint"
         )
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds files: choose an empty or new folder")

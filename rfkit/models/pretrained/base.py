@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from rfkit.models.base import Cond, VelocityModel, zero_condition
+from rfkit.models.layers import add_second_time, second_time_embedder
 from rfkit.models.pretrained.lora import LoRA, add_lora, weights_sha256
 
 
@@ -50,6 +51,14 @@ class PretrainedTransformer(VelocityModel):
         latent_size: side of the square latent sampled by default (SD3: the config's ``sample_size``).
         dtype: load the weights in this dtype ("bfloat16", "float16"; None: float32).
         seed: seed of the random weights of a ``config``-built model.
+        second_time: accept a second time ``r`` (B,) (MeanFlow's ``h = r - t``, the shortcut's step
+            size d): ``r_embed(r)`` (B, D) is added to the transformer's conditioning vector ``temb`` (B, D)
+            (the output of ``transformer.time_text_embed``, which feeds every block's AdaLN; D =
+            heads x head dim), so ``temb = embed(t) + embed(text) + r_embed(r)``. ``r_embed`` is
+            :func:`rfkit.models.layers.second_time_embedder`, zero at init: the model is the diffusers
+            model for every r until trained. It lives outside ``transformer`` (diffusers has no place
+            for it), trains under LoRA with the adapters and is saved with them; ``rfkit export``
+            refuses such a model.
 
     Conditioning: ``text`` (B, L, D) -> ``encoder_hidden_states``, ``pooled`` (B, D) ->
     ``pooled_projections``. The null condition of classifier-free guidance is zeros for both
@@ -69,6 +78,7 @@ class PretrainedTransformer(VelocityModel):
         latent_size: int | None = None,
         dtype: str | None = None,
         seed: int = 0,
+        second_time: bool = False,
     ) -> None:
         super().__init__()
         if (path is None) == (config is None):
@@ -105,6 +115,14 @@ class PretrainedTransformer(VelocityModel):
             self.register_state_dict_post_hook(_drop_frozen)
             self.register_load_state_dict_pre_hook(_fill_frozen)
         self.latent_shape = self._latent_shape(latent_size)
+        self.second_time = second_time
+        self.r_embed = None
+        self._r: Tensor | None = None  # the r of the transformer call under way (see _call)
+        if second_time:
+            c = self.transformer.config
+            self.r_embed = second_time_embedder(c.num_attention_heads * c.attention_head_dim)
+            # diffusers' forward computes temb inside; a hook adds r_embed(r) there rather than a copy of that forward
+            self.transformer.time_text_embed.register_forward_hook(self._add_second_time)
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -119,11 +137,7 @@ class PretrainedTransformer(VelocityModel):
     # ------------------------------------------------------------------ shared
 
     def _check(self, x: Tensor, cond: Cond, r: Tensor | None) -> None:
-        if r is not None:
-            raise ValueError(
-                f"{type(self).__name__} takes no second time r: diffusers' transformers embed one time only; "
-                "use an objective that needs no r (plain flow matching) with this model"
-            )
+        self.check_second_time(r)
         missing = set(self.cond_keys) - set(cond)
         if missing:
             raise ValueError(f"{type(self).__name__} needs text conditioning; the batch lacks {sorted(missing)}")
@@ -137,6 +151,18 @@ class PretrainedTransformer(VelocityModel):
 
     def drop_condition(self, cond: Cond, drop: Tensor) -> dict[str, Tensor]:
         return zero_condition(cond, drop, self.cond_keys)
+
+    def _call(self, r: Tensor | None, **inputs) -> Tensor:
+        """``transformer(**inputs)[0]`` with ``r`` (B,) or None (= 0) added to its ``temb`` when ``second_time``."""
+        self._r = r
+        try:
+            return self.transformer(**inputs, return_dict=False)[0]
+        finally:
+            self._r = None
+
+    def _add_second_time(self, module: nn.Module, args: tuple, temb: Tensor) -> Tensor:
+        """Hook on ``transformer.time_text_embed``: ``temb`` (B, D) -> ``temb + r_embed(r)``, in temb's dtype."""
+        return add_second_time(temb, self.r_embed, self._r).to(temb.dtype)  # a float32 r_embed on a bf16 base
 
 
 def _drop_frozen(module: PretrainedTransformer, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -48,8 +48,9 @@ class FluxTransformer(PretrainedTransformer):
         dtype: str | None = None,
         seed: int = 0,
         guidance: float = 3.5,
+        second_time: bool = False,
     ) -> None:
-        super().__init__(path, config, lora, latent_size, dtype, seed)
+        super().__init__(path, config, lora, latent_size, dtype, seed, second_time)
         self.guidance = guidance
 
     def _latent_shape(self, latent_size: int | None) -> tuple[int, int, int]:
@@ -76,7 +77,8 @@ class FluxTransformer(PretrainedTransformer):
         guidance = None
         if self.transformer.config.guidance_embeds:  # like timestep, scaled by 1000 inside the model
             guidance = torch.full((b,), self.guidance, device=x.device, dtype=torch.float32)
-        out = self.transformer(
+        out = self._call(
+            r,
             hidden_states=tokens,
             timestep=(1 - t).to(h.dtype),  # sigma
             guidance=guidance,
@@ -84,8 +86,7 @@ class FluxTransformer(PretrainedTransformer):
             encoder_hidden_states=text,
             txt_ids=txt_ids,
             img_ids=img_ids,
-            return_dict=False,
-        )[0]
+        )
         return -FluxPipeline._unpack_latents(out, height, width, vae_scale_factor=1).to(x.dtype)
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:

@@ -42,13 +42,13 @@ class SD3Transformer(PretrainedTransformer):
         self._check(x, cond, r)
         h, text, pooled = self._inputs(x, cond)
         sigma = 1 - t
-        out = self.transformer(
+        out = self._call(
+            r,
             hidden_states=h,
             timestep=(1000 * sigma).to(h.dtype),
             encoder_hidden_states=text,
             pooled_projections=pooled,
-            return_dict=False,
-        )[0]
+        )
         return -out.to(x.dtype)
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:

@@ -105,6 +105,7 @@ def train(config: str, overrides: list[str], steps: int, seed: int, save: Path |
 def two_rf(target: str, steps: int, seed: int) -> dict:
     """1-RF teacher, ``rfkit reflow`` pairs, 2-RF student, in the folders configs/toy2d_reflow.yaml names."""
     work = WORK / "2d" / f"{target}_seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)  # rfkit reflow keeps finished shards: a stale teacher's would stay
     with working_directory(work):
         teacher = Path("runs/toy2d_1rf/checkpoints/last.ckpt")
         teacher.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ gives each method's 1-NFE W2 minus OT's with a 95 % Student-t interval over seed
 Digits (``--digits``). Everything runs through the ``rfkit`` command, in
 tools/results/bench_onestep/digits/seed<N>/: ``configs/digits.yaml`` (1-RF, the teacher), ``rfkit
 reflow`` (20,000 pairs, Heun 32 steps, CFG 2) and ``configs/digits_reflow.yaml`` (2-RF), then
-``configs/digits_meanflow.yaml`` and ``configs/digits_shortcut.yaml``, and MeanFlow again for 4,000
-steps (2-RF's step count; it continues the 2,000-step run, see ``continue_shorter``). Scored as tools/demo_reflow.py
+``configs/digits_meanflow.yaml`` and ``configs/digits_shortcut.yaml``, and MeanFlow again with uniform
+(t, r) (``--model.timesteps=Uniform``). Scored as tools/demo_reflow.py
 scores digits (``score_digits``: 1,000 samples from fixed noise, 100 per class). A rerun resumes:
 finished runs are scored, not retrained. Seconds: each command's wall time, measured here.
 """
@@ -211,21 +211,26 @@ def main_2d(steps: int, seeds: int, quick: bool) -> None:
 
 # ---------------------------------------------------------------------------- digits
 
-DIGITS = {  # method -> (config, run folder, steps); 2-RF's teacher and pairs come first
-    "1-RF": ("digits.yaml", "runs/digits", 2000),
-    "2-RF": ("digits_reflow.yaml", "runs/digits_2rf", 2000),
-    "MeanFlow": ("digits_meanflow.yaml", "runs/digits_meanflow", 2000),
-    "Shortcut": ("digits_shortcut.yaml", "runs/digits_shortcut", 2000),
-    "MeanFlow, 4000 steps": ("digits_meanflow.yaml", "runs/digits_meanflow_4000", 4000),
+DIGITS = {  # method -> (config, run folder, steps, overrides); 2-RF's teacher and pairs come first
+    "1-RF": ("digits.yaml", "runs/digits", 2000, []),
+    "2-RF": ("digits_reflow.yaml", "runs/digits_2rf", 2000, []),
+    "MeanFlow": ("digits_meanflow.yaml", "runs/digits_meanflow", 2000, []),
+    "Shortcut": ("digits_shortcut.yaml", "runs/digits_shortcut", 2000, []),
+    # the 1-jump interval h = 1 is all but never drawn from the config's logit-normal (t, r); uniform draws it
+    "MeanFlow, uniform (t, r)": (
+        "digits_meanflow.yaml",
+        "runs/digits_meanflow_uniform",
+        2000,
+        ["--model.timesteps=Uniform"],
+    ),
 }
 PAIRS_DIGITS = ["--num_pairs=20000", "--num_val_pairs=500", "--num_steps=32", "--samples_per_shard=5000"]
 STEPS_DIGITS = (1, 2, 4, 16)
 
 
 def runtime(run: Path) -> float:
-    """Seconds of ``rfkit fit`` behind a run folder: its own command's and, for a continued run, the
-    shorter run's it started from (``seconds.txt``, ``continued_seconds.txt``; see ``fit_timed``)."""
-    return sum(float(p.read_text()) for p in run.glob("*seconds.txt"))
+    """Seconds the ``rfkit fit`` of a run folder took (written by ``fit_timed``)."""
+    return float((run / "seconds.txt").read_text())
 
 
 def fit_timed(work: Path, config: str, run: str, args: list[str]) -> None:
@@ -239,33 +244,20 @@ def fit_timed(work: Path, config: str, run: str, args: list[str]) -> None:
     (work / run / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
 
 
-def continue_shorter(work: Path, config: str, run: str, steps: int) -> None:
-    """Start a longer run of a config as a copy of a finished shorter one, which ``rfkit fit`` resumes:
-    rfkit's resume is exact (weights, optimizer, EMA, RNG and draws), so this trains what a run from
-    scratch would, without repeating the shorter run's steps; their seconds are carried over."""
-    shorter = [
-        (r, n) for c, r, n in DIGITS.values() if c == config and n < steps and (work / r / "seconds.txt").exists()
-    ]
-    if shorter and not (work / run).exists():
-        shutil.copytree(work / max(shorter, key=lambda rn: rn[1])[0], work / run)
-        (work / run / "seconds.txt").rename(work / run / "continued_seconds.txt")
-
-
 def run_digits(seed: int) -> list[dict]:
     work = WORK / "digits" / f"seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
     pairs_time = work / "data/digits_reflow/seconds.txt"
-    for method, (config, run, steps) in DIGITS.items():
+    for method, (config, run, steps, overrides) in DIGITS.items():
         if method == "2-RF" and not pairs_time.exists():
             start = time.perf_counter()
             reflow = ["reflow", "--ckpt=runs/digits/checkpoints/last.ckpt", "--out=data/digits_reflow"]
             rfkit_cmd(*reflow, "--solver=Heun", f"--seed={seed}", *PAIRS_DIGITS, cwd=work)
             pairs_time.write_text(f"{time.perf_counter() - start:.1f}\n")
-        continue_shorter(work, config, run, steps)
         args = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}", f"--trainer.max_steps={steps}"]
-        fit_timed(work, config, run, args)
+        fit_timed(work, config, run, [*args, *overrides])
     rows = []
-    for method, (_, run, steps) in DIGITS.items():
+    for method, (_, run, steps, _) in DIGITS.items():
         flow = rfkit.load_checkpoint(work / run / "checkpoints/last.ckpt")
         seconds = runtime(work / run)
         if method == "2-RF":

@@ -29,9 +29,9 @@ Digits (``--digits``). Everything runs through the ``rfkit`` command, in
 tools/results/bench_onestep/digits/seed<N>/: ``configs/digits.yaml`` (1-RF, the teacher), ``rfkit
 reflow`` (20,000 pairs, Heun 32 steps, CFG 2) and ``configs/digits_reflow.yaml`` (2-RF), then
 ``configs/digits_meanflow.yaml`` and ``configs/digits_shortcut.yaml``, and MeanFlow again with uniform
-(t, r) (``--model.timesteps=Uniform``). Scored as tools/demo_reflow.py
-scores digits (``score_digits``: 1,000 samples from fixed noise, 100 per class). A rerun resumes:
-finished runs are scored, not retrained. Seconds: each command's wall time, measured here.
+(t, r) (``--model.timesteps=Uniform``). Scored as tools/demo_reflow.py scores digits (``score_digits``:
+1,000 samples from fixed noise, 100 per class). A rerun resumes: finished runs are scored, not
+retrained. Seconds: each command's wall time, measured here (start-up and validation included).
 """
 
 from __future__ import annotations

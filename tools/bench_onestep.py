@@ -284,7 +284,13 @@ def run_digits(seed: int) -> list[dict]:
             teacher = DIGITS["1-RF"]
             seconds += runtime(work / teacher[1]) + float(pairs_time.read_text())
             steps += teacher[2]
-        row = {"method": method, "seed": seed, "steps": steps, "seconds": seconds, "nfe/step": flow.nfe(1)}
+        row = {
+            "method": method,
+            "seed": seed,
+            "steps": steps,
+            "seconds": seconds,
+            "nfe/step": flow.nfe(1, conditional=True),
+        }
         rows.append(row | score_digits(flow, STEPS_DIGITS))
         print(rows[-1], flush=True)
     return rows

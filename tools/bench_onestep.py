@@ -243,8 +243,6 @@ DIGITS = {  # method -> (config, run folder, steps, overrides); 2-RF's teacher a
         2000,
         ["--model.timesteps=Uniform"],
     ),
-    # the budget: as much training as 2-RF's teacher, pairs and student took (3270 s on seed 0)
-    "MeanFlow, 5000 steps": ("digits_meanflow.yaml", "runs/digits_meanflow_5000", 5000, []),
 }
 PAIRS_DIGITS = ["--num_pairs=20000", "--num_val_pairs=500", "--num_steps=32", "--samples_per_shard=5000"]
 STEPS_DIGITS = (1, 2, 4, 16)

@@ -4,6 +4,7 @@ test_models_transformer_sd3.py, test_models_transformer_flux.py), built offline 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 SD3_TINY = {
     "sample_size": 32,
@@ -70,6 +71,18 @@ SD3_LORA_TINY = [
 ]
 """configs/sd3_lora.yaml on the tiny SD3 (random weights from its config), shards from write_sd3_shards;
 ``{data}`` is formatted with the shards' folder (test_cli's TINY convention)."""
+
+
+def fit_sd3_lora(run_dir, data, steps: int, *extra: str):
+    """`rfkit fit --config configs/sd3_lora.yaml` on the tiny SD3, without validation (speed); returns the CLI."""
+    from rfkit.cli import RFKitCLI
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "sd3_lora.yaml"
+    args = [a.format(data=data) for a in SD3_LORA_TINY]
+    return RFKitCLI(
+        args=["fit", f"--config={config}", f"--trainer.default_root_dir={run_dir}", f"--trainer.max_steps={steps}",
+              "--trainer.limit_val_batches=0", "--model.lr_scheduler=null", *args, *extra]
+    )  # fmt: skip
 
 
 def _tokenizers():

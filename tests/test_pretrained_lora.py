@@ -5,7 +5,6 @@ writes what diffusers loads, with the velocity rfkit's model gives."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,24 +12,14 @@ from diffusers import StableDiffusion3Pipeline
 
 pytest.importorskip("peft")
 
-from pretrained_fixtures import SD3_LORA_TINY, SD3_TINY, write_sd3_shards
+from pretrained_fixtures import SD3_TINY, fit_sd3_lora, write_sd3_shards
 
 from rfkit.checkpoint import load_checkpoint, read_checkpoint
-from rfkit.cli import RFKitCLI, main
+from rfkit.cli import main
 from rfkit.models.pretrained import LoRA, SD3Transformer
 from rfkit.models.pretrained.lora import weights_sha256
 
 ALPHA = "--model.model.init_args.lora.alpha=8"  # scale alpha / rank = 2: an export that loses alpha shows
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sd3_lora.yaml"
-
-
-def fit(run_dir: Path, data: Path, steps: int, *extra: str) -> RFKitCLI:
-    """`rfkit fit --config configs/sd3_lora.yaml` on the tiny SD3, without validation (speed)."""
-    args = [a.format(data=data) for a in SD3_LORA_TINY]
-    return RFKitCLI(
-        args=["fit", f"--config={CONFIG}", f"--trainer.default_root_dir={run_dir}", f"--trainer.max_steps={steps}",
-              "--trainer.limit_val_batches=0", "--model.lr_scheduler=null", *args, *extra]
-    )  # fmt: skip
 
 
 def base_and_adapters(model: SD3Transformer) -> tuple[dict, dict]:
@@ -43,7 +32,7 @@ def base_and_adapters(model: SD3Transformer) -> tuple[dict, dict]:
 def test_lora_fit_trains_only_adapters_saves_them_alone_and_resumes(tmp_path):
     data = write_sd3_shards(tmp_path / "data")
     ema = ["--trainer.callbacks+=rfkit.ema.EMA", "--trainer.callbacks.decay=0.5"]
-    trained = fit(tmp_path / "run", data, 3, ALPHA, *ema).model.model
+    trained = fit_sd3_lora(tmp_path / "run", data, 3, ALPHA, *ema).model.model
     base, adapters = base_and_adapters(trained)
     fresh_model = SD3Transformer(config=SD3_TINY, latent_size=8).transformer  # the base, rebuilt
     fresh = dict(fresh_model.named_parameters())
@@ -67,7 +56,9 @@ def test_lora_fit_trains_only_adapters_saves_them_alone_and_resumes(tmp_path):
         loaded = dict(module.model.transformer.named_parameters())[name]
         assert torch.equal(loaded, saved[f"ema/model.transformer.{name}"])  # sampling uses the average
 
-    resumed = fit(tmp_path / "run", data, 5, ALPHA, *ema)  # the same command, longer: resumes from last.ckpt at step 3
+    resumed = fit_sd3_lora(
+        tmp_path / "run", data, 5, ALPHA, *ema
+    )  # the same command, longer: resumes from last.ckpt at step 3
     assert resumed.trainer.global_step == 5
     base2, adapters2 = base_and_adapters(resumed.model.model)
     assert all(torch.equal(base2[k], fresh[k]) for k in base2)
@@ -83,7 +74,7 @@ def test_lora_fit_trains_only_adapters_saves_them_alone_and_resumes(tmp_path):
     assert_same_velocity(load_checkpoint(tmp_path / "run/checkpoints/last.ckpt").model, theirs)
 
     with pytest.raises(ValueError, match=r"trained on a base whose weights .* adapters only work on the base"):
-        fit(
+        fit_sd3_lora(
             tmp_path / "run", data, 7, ALPHA, "--model.model.init_args.seed=1"
         )  # another random base: refused at resume
 
@@ -107,7 +98,7 @@ def test_export_full_fine_tune_with_ema(tmp_path):
 
     data = write_sd3_shards(tmp_path / "data", n=8)
     ema = ["--trainer.callbacks+=rfkit.ema.EMA", "--trainer.callbacks.decay=0.5"]
-    fit(tmp_path / "run", data, 2, "--model.model.init_args.lora=null", *ema)
+    fit_sd3_lora(tmp_path / "run", data, 2, "--model.model.init_args.lora=null", *ema)
     ckpt = tmp_path / "run/checkpoints/last.ckpt"
     saved = read_checkpoint(ckpt)  # rfkit.ema.EMA: the average as state_dict, the trained weights beside it
     for flag, weights, key in (("true", "ema", "state_dict"), ("false", "live", "current_model_state")):
@@ -135,7 +126,7 @@ def test_flux_lora_fit_and_export(tmp_path):
     flux = ["--model.model=FluxTransformer", "--model.model.init_args.config=" + json.dumps(FLUX_TINY),
             "--model.model.init_args.latent_size=8", "--model.model.init_args.guidance=2.5",
             '--model.model.init_args.lora={"rank": 2, "alpha": 4}']  # fmt: skip
-    fit(tmp_path / "run", data, 2, *flux)
+    fit_sd3_lora(tmp_path / "run", data, 2, *flux)
     ckpt = tmp_path / "run/checkpoints/last.ckpt"
     ours = load_checkpoint(ckpt).model
     assert isinstance(ours, FluxTransformer) and ours.guidance == 2.5 and ours.lora.rank == 2

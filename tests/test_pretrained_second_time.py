@@ -6,7 +6,6 @@ trains r_embed with the adapters, a flow-matching checkpoint starts such a model
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,18 +14,17 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from pretrained_fixtures import FLUX_TINY, SD3_LORA_TINY, SD3_TINY, write_sd3_shards
+from pretrained_fixtures import FLUX_TINY, SD3_TINY, fit_sd3_lora, write_sd3_shards
 
 from rfkit.callbacks import InitFromCheckpoint
 from rfkit.checkpoint import load_checkpoint, read_checkpoint
-from rfkit.cli import RFKitCLI, main
+from rfkit.cli import main
 from rfkit.draws import RowDraws
 from rfkit.models.pretrained import FluxTransformer, LoRA, SD3Transformer
 from rfkit.module import RectifiedFlow
 from rfkit.objectives import MeanFlow, Shortcut
 
 B = 3
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sd3_lora.yaml"
 
 
 def sd3(**kw) -> SD3Transformer:
@@ -174,15 +172,6 @@ def test_bf16_base_keeps_a_float32_r_embed():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.r_embed.parameters())
 
 
-def fit(run_dir: Path, data: Path, steps: int, *extra: str) -> RFKitCLI:
-    """`rfkit fit --config configs/sd3_lora.yaml` on the tiny SD3, without validation (test_pretrained_lora's)."""
-    args = [a.format(data=data) for a in SD3_LORA_TINY]
-    return RFKitCLI(
-        args=["fit", f"--config={CONFIG}", f"--trainer.default_root_dir={run_dir}", f"--trainer.max_steps={steps}",
-              "--trainer.limit_val_batches=0", "--model.lr_scheduler=null", *args, *extra]
-    )  # fmt: skip
-
-
 MEANFLOW = [
     "--model.objective=MeanFlow",
     "--model.objective.ratio=1.0",
@@ -193,7 +182,7 @@ MEANFLOW = [
 
 def test_meanflow_lora_fit_from_a_flow_matching_checkpoint_samples_resumes_and_refuses_export(tmp_path):
     data = write_sd3_shards(tmp_path / "data", n=8)
-    fit(tmp_path / "fm", data, 2)  # a flow-matching LoRA run
+    fit_sd3_lora(tmp_path / "fm", data, 2)  # a flow-matching LoRA run
     fm_ckpt = tmp_path / "fm/checkpoints/last.ckpt"
     teacher = load_checkpoint(fm_ckpt).model
 
@@ -220,7 +209,7 @@ def test_meanflow_lora_fit_from_a_flow_matching_checkpoint_samples_resumes_and_r
     # MeanFlow through rfkit fit, started from the flow-matching checkpoint, with an EMA
     ema = ["--trainer.callbacks+=rfkit.ema.EMA", "--trainer.callbacks.decay=0.5"]
     init = ["--trainer.callbacks+=InitFromCheckpoint", f"--trainer.callbacks.path={fm_ckpt}"]
-    fit(tmp_path / "mf", data, 2, *MEANFLOW, *ema, *init)
+    fit_sd3_lora(tmp_path / "mf", data, 2, *MEANFLOW, *ema, *init)
     ckpt = tmp_path / "mf/checkpoints/last.ckpt"
     saved = torch.load(ckpt, weights_only=True)["state_dict"]  # as rfkit.ema.EMA writes it: ema/ beside the live
     r_keys = {k for k in saved if k.startswith("model.r_embed.")}
@@ -242,7 +231,9 @@ def test_meanflow_lora_fit_from_a_flow_matching_checkpoint_samples_resumes_and_r
         jump = noise + module.model(noise, torch.zeros(B), cond, torch.ones(B))  # z_1 = z_0 + 1 * u(z_0, 0, h = 1)
     torch.testing.assert_close(one, jump, rtol=1e-5, atol=1e-5)
 
-    resumed = fit(tmp_path / "mf", data, 3, *MEANFLOW, *ema, *init)  # resumes at step 2 (InitFromCheckpoint skips)
+    resumed = fit_sd3_lora(
+        tmp_path / "mf", data, 3, *MEANFLOW, *ema, *init
+    )  # resumes at step 2 (InitFromCheckpoint skips)
     assert resumed.trainer.global_step == 3
     assert not torch.equal(resumed.model.model.r_embed.mlp[2].weight.detach(), live["model.r_embed.mlp.2.weight"])
 

@@ -73,7 +73,7 @@ SD3_LORA_TINY = [
 ``{data}`` is formatted with the shards' folder (test_cli's TINY convention)."""
 
 
-def fit_sd3_lora(run_dir, data, steps: int, *extra: str):
+def fit_sd3_lora(run_dir: Path, data: Path, steps: int, *extra: str):
     """`rfkit fit --config configs/sd3_lora.yaml` on the tiny SD3, without validation (speed); returns the CLI."""
     from rfkit.cli import RFKitCLI
 

@@ -56,9 +56,8 @@ def test_lora_fit_trains_only_adapters_saves_them_alone_and_resumes(tmp_path):
         loaded = dict(module.model.transformer.named_parameters())[name]
         assert torch.equal(loaded, saved[f"ema/model.transformer.{name}"])  # sampling uses the average
 
-    resumed = fit_sd3_lora(
-        tmp_path / "run", data, 5, ALPHA, *ema
-    )  # the same command, longer: resumes from last.ckpt at step 3
+    # the same command, longer: resumes from last.ckpt at step 3
+    resumed = fit_sd3_lora(tmp_path / "run", data, 5, ALPHA, *ema)
     assert resumed.trainer.global_step == 5
     base2, adapters2 = base_and_adapters(resumed.model.model)
     assert all(torch.equal(base2[k], fresh[k]) for k in base2)

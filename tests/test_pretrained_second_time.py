@@ -231,9 +231,8 @@ def test_meanflow_lora_fit_from_a_flow_matching_checkpoint_samples_resumes_and_r
         jump = noise + module.model(noise, torch.zeros(B), cond, torch.ones(B))  # z_1 = z_0 + 1 * u(z_0, 0, h = 1)
     torch.testing.assert_close(one, jump, rtol=1e-5, atol=1e-5)
 
-    resumed = fit_sd3_lora(
-        tmp_path / "mf", data, 3, *MEANFLOW, *ema, *init
-    )  # resumes at step 2 (InitFromCheckpoint skips)
+    # the same command, longer: resumes at step 2 (InitFromCheckpoint skips)
+    resumed = fit_sd3_lora(tmp_path / "mf", data, 3, *MEANFLOW, *ema, *init)
     assert resumed.trainer.global_step == 3
     assert not torch.equal(resumed.model.model.r_embed.mlp[2].weight.detach(), live["model.r_embed.mlp.2.weight"])
 
